@@ -1,0 +1,100 @@
+"""Evaluation protocols of ``cellseg evaluate`` (issue 2 point 8; SPEC.md §8.4-8.5).
+
+- ``paper``: each tile resized to 224² (UCTransNet lineage), per-image foreground Dice and IoU
+  against the cv2-linear>0 resized mask, mean ± std over images.
+- ``native``: sliding-window prediction at the model's mpp over each full tile, probabilities
+  resampled to the ground truth's resolution, instances by the model's post-processing, then
+  Dice, IoU, AJI and PQ (DQ, SQ) per image against the full-resolution instance labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import ModelBundle
+from .data import Sample, paper_mask
+from .inference import Predictor, predict_array
+from .instances import PostProcess, label_instances
+from .metrics import aji, dice, iou, pq, summarize
+
+PROTOCOLS = ("paper", "native")
+
+
+def _resize_image(image: np.ndarray, size_hw: tuple[int, int], antialias: bool) -> np.ndarray:
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    y = F.interpolate(x, size=size_hw, mode="bilinear", align_corners=False, antialias=antialias)
+    return y[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+
+
+def _resize_probs(probs: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    x = torch.from_numpy(probs)[None]
+    return F.interpolate(x, size=size_hw, mode="bilinear", align_corners=False)[0].numpy()
+
+
+def evaluate_paper(sample: Sample, predictor: Predictor) -> dict:
+    """Per-image foreground Dice/IoU at 224² (SPEC §8.4 DEFAULT protocol)."""
+    image = _resize_image(sample.image, (224, 224), antialias=False)  # like cv2.INTER_LINEAR
+    probs = predictor(image[None])[0]
+    pred = (1 - probs[0]) > 0.5
+    gt = paper_mask(sample.labels, 224)
+    return {"image_id": sample.image_id, "dice": dice(pred, gt), "iou": iou(pred, gt)}
+
+
+def evaluate_native(
+    sample: Sample, predictor: Predictor, post: PostProcess, overlap_px: int = 64
+) -> dict:
+    """Dice, IoU, AJI and PQ of one tile at the ground truth's resolution."""
+    h, w = sample.labels.shape
+    scale = sample.mpp / predictor.mpp
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    image = _resize_image(sample.image, size, antialias=True)
+    probs = predict_array(image, predictor, predictor.tile_px, overlap_px)
+    probs = _resize_probs(probs, (h, w))
+    labels = label_instances(probs, sample.mpp, post)
+    gt = sample.labels
+    pred_fg, gt_fg = labels > 0, gt > 0
+    quality = pq(gt, labels)
+    return {
+        "image_id": sample.image_id,
+        "dice": dice(pred_fg, gt_fg),
+        "iou": iou(pred_fg, gt_fg),
+        "aji": aji(gt, labels),
+        "pq": quality["pq"],
+        "dq": quality["dq"],
+        "sq": quality["sq"],
+        "nuclei_true": int(len(np.unique(gt)) - (1 if 0 in gt else 0)),
+        "nuclei_pred": int(labels.max()),
+    }
+
+
+def evaluate(
+    bundle: ModelBundle,
+    samples: list[Sample],
+    protocol: str = "native",
+    device: str = "auto",
+    post: PostProcess | None = None,
+    progress: bool = True,
+) -> dict:
+    """Runs one protocol over ``samples``; returns per-image rows and their mean ± std."""
+    from tqdm import tqdm
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}")
+    predictor = Predictor(bundle, device=device)
+    post = post or PostProcess.from_dict(bundle.meta.get("postprocess", {}))
+    rows = []
+    for s in tqdm(samples, desc=f"evaluate ({protocol})", disable=not progress, leave=False):
+        if protocol == "paper":
+            rows.append(evaluate_paper(s, predictor))
+        else:
+            rows.append(evaluate_native(s, predictor, post))
+    return {
+        "protocol": protocol,
+        "model": bundle.name,
+        "model_mpp": predictor.mpp,
+        "images": len(rows),
+        "per_image": rows,
+        "summary": summarize([{k: v for k, v in r.items() if k != "image_id"} for r in rows]),
+    }

@@ -1,0 +1,134 @@
+"""Running a trained model on image tiles: device choice, mixed precision and blending.
+
+``Predictor`` turns ``N×H×W×3 uint8`` tiles into softmax probabilities; ``predict_array`` slides it
+over an in-memory image with overlapping tiles blended by taper weights (no seams). The whole-slide
+pipeline (``predict.py``) uses the same predictor and weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import ModelBundle
+
+TilePredictor = Callable[[np.ndarray], np.ndarray]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    from .errors import CellsegError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CellsegError("--device cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+class Predictor:
+    """Callable ``tiles (N×H×W×3 uint8) -> probabilities (N×C×H×W float32)``.
+
+    On CUDA it runs under bf16/fp16 autocast with channels_last memory format and pinned host
+    memory; on the CPU it runs in float32 (CPU autocast is slower for these convolutions).
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        device: str = "auto",
+        amp: bool = True,
+        compile: bool = False,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.bundle = bundle
+        self.model = bundle.model.to(self.device).eval()
+        self.mpp = float(bundle.meta.get("mpp", 0.5))
+        self.tile_px = int(bundle.meta.get("tile_px", bundle.config.tile_px))
+        self.num_classes = bundle.config.num_classes
+        self.amp = amp and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+            bf16 = torch.cuda.is_bf16_supported()
+            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        if compile:
+            self.model = torch.compile(self.model)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp:
+            return torch.autocast("cuda", dtype=self.amp_dtype)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(tiles))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+def blend_weights(tile_px: int, overlap_px: int) -> np.ndarray:
+    """Separable linear taper over the overlap: ``tile_px×tile_px`` float32 weights in (0, 1].
+
+    Weights rise from ``1/(overlap+1)`` at the tile edge to 1 at ``overlap_px`` inside, so two tiles
+    overlapping by ``overlap_px`` cross-fade and the blended sum never has a step (no seams).
+    They are > 0 everywhere, so a pixel covered by a single tile keeps its prediction exactly.
+    """
+    ramp = np.ones(tile_px, dtype=np.float32)
+    if overlap_px > 0:
+        edge = np.arange(1, overlap_px + 1, dtype=np.float32) / (overlap_px + 1)
+        ramp[:overlap_px] = edge
+        ramp[-overlap_px:] = np.minimum(ramp[-overlap_px:], edge[::-1])
+    return np.outer(ramp, ramp)
+
+
+def tile_origins(length_px: int, tile_px: int, stride_px: int) -> list[int]:
+    """Start offsets covering ``[0, length_px)`` with the last tile flush with the end."""
+    if length_px <= tile_px:
+        return [0]
+    starts = list(range(0, length_px - tile_px, stride_px))
+    starts.append(length_px - tile_px)
+    return starts
+
+
+def predict_array(
+    image: np.ndarray,
+    predictor: TilePredictor,
+    tile_px: int = 224,
+    overlap_px: int = 64,
+    batch_size: int = 16,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Sliding-window prediction of an ``H×W×3 uint8`` image -> ``C×H×W float32`` probabilities.
+
+    Images smaller than a tile are reflect-padded; overlapping tiles are blended with
+    :func:`blend_weights`. The image must already be at the predictor's resolution.
+    """
+    h, w = image.shape[:2]
+    pad_y, pad_x = max(0, tile_px - h), max(0, tile_px - w)
+    if pad_y or pad_x:
+        image = np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode="reflect")
+    ph, pw = image.shape[:2]
+    stride = tile_px - overlap_px
+    origins = [(y, x) for y in tile_origins(ph, tile_px, stride) for x in tile_origins(pw, tile_px, stride)]
+    weights = blend_weights(tile_px, overlap_px)
+    acc = None
+    norm = np.zeros((ph, pw), dtype=np.float32)
+    for i in range(0, len(origins), batch_size):
+        batch = origins[i : i + batch_size]
+        tiles = np.stack([image[y : y + tile_px, x : x + tile_px] for y, x in batch])
+        probs = predictor(tiles)
+        if acc is None:
+            acc = np.zeros((num_classes or probs.shape[1], ph, pw), dtype=np.float32)
+        for (y, x), p in zip(batch, probs, strict=True):
+            acc[:, y : y + tile_px, x : x + tile_px] += p * weights
+            norm[y : y + tile_px, x : x + tile_px] += weights
+    return (acc / norm)[:, :h, :w]

@@ -1,0 +1,41 @@
+"""Shared helpers of the click commands: one-line errors and lazy imports."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+import click
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Prints ``error: message`` on stderr and exits non-zero, without a traceback."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turns expected failures (``CellsegError``, bad files) into one line on stderr."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from cellseg.errors import CellsegError
+
+        try:
+            return func(*args, **kwargs)
+        except CellsegError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+
+    return wrapper
+
+
+device_option = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the network runs; auto picks CUDA when available.",
+)
