@@ -147,7 +147,7 @@ def _rotation(angle_rad: float) -> np.ndarray:
 
 
 def affine_theta(box: CropBox, linear: np.ndarray, in_hw: tuple[int, int]) -> torch.Tensor:
-    """``2×3`` ``affine_grid`` matrix (``align_corners=False``) mapping the output grid onto ``box``.
+    """``2×3`` ``affine_grid`` matrix (``align_corners=False``) sampling the output from ``box``.
 
     An output point at normalised ``u`` in [-1, 1]² sits at box-frame offset
     ``u · size / 2`` (pixels); ``linear`` turns that offset into the image frame around the box
@@ -165,7 +165,7 @@ def affine_theta(box: CropBox, linear: np.ndarray, in_hw: tuple[int, int]) -> to
 def warp_pair(
     image: torch.Tensor, target: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample ``image`` (``3×H×W`` float, bilinear) and ``target`` (``H×W``, nearest) with one grid.
+    """Resample ``image`` (``3×H×W`` float, bilinear) and ``target`` (``H×W``, nearest) together.
 
     Both use reflection padding: the image because black corners are not tissue, the target so
     that every mirrored nucleus in the image is labelled as one, and nothing else is. Zero
@@ -177,22 +177,25 @@ def warp_pair(
         image[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False
     )[0]
     target_out = F.grid_sample(
-        target[None, None].float(), grid, mode="nearest", padding_mode="reflection",
+        target[None, None].float(),
+        grid,
+        mode="nearest",
+        padding_mode="reflection",
         align_corners=False,
     )[0, 0]
     return image_out.clamp_(0.0, 1.0), target_out.round_().long()
 
 
 def gaussian_blur(image: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Separable Gaussian blur of a ``C×H×W`` float image; kernel radius ``ceil(3σ)``, reflected edges."""
+    """Separable Gaussian blur of a ``C×H×W`` float image (radius ``ceil(3σ)``, reflected edges)."""
     radius = max(1, math.ceil(3 * sigma_px))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (offsets / sigma_px) ** 2)
     kernel = kernel / kernel.sum()
     channels = image.shape[0]
     padded = F.pad(image[None], [radius, radius, radius, radius], mode="reflect")
-    rows = F.conv2d(padded, kernel.expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(rows, kernel.expand(channels, 1, -1, 1), groups=channels)[0]
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, -1, -1, -1), groups=channels)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, -1, -1, -1), groups=channels)[0]
 
 
 def grayscale(image: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,13 @@ class TransformerBranch(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, dim, grid, grid))
         nn.init.trunc_normal_(self.pos, std=0.02)
         layer = nn.TransformerEncoderLayer(
-            dim, heads, dim * mlp_ratio, dropout, activation="gelu", batch_first=True, norm_first=True
+            dim,
+            heads,
+            dim * mlp_ratio,
+            dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 from .checkpoint import ModelBundle
 from .data import Sample, paper_mask
+from .errors import ModelError
 from .inference import Predictor, predict_array
 from .instances import PostProcess, label_instances
-from .metrics import aji, dice, iou, pq, summarize
+from .metrics import dice, instance_metrics, iou, summarize
 
 PROTOCOLS = ("paper", "native")
 
@@ -55,18 +56,22 @@ def evaluate_native(
     labels = label_instances(probs, sample.mpp, post)
     gt = sample.labels
     pred_fg, gt_fg = labels > 0, gt > 0
-    quality = pq(gt, labels)
     return {
         "image_id": sample.image_id,
         "dice": dice(pred_fg, gt_fg),
         "iou": iou(pred_fg, gt_fg),
-        "aji": aji(gt, labels),
-        "pq": quality["pq"],
-        "dq": quality["dq"],
-        "sq": quality["sq"],
+        **instance_metrics(gt, labels),
         "nuclei_true": int(len(np.unique(gt)) - (1 if 0 in gt else 0)),
         "nuclei_pred": int(labels.max()),
     }
+
+
+def postprocess_of(bundle: ModelBundle) -> PostProcess:
+    """The post-processing parameters stored with a model (defaults if it has none)."""
+    try:
+        return PostProcess.from_dict(bundle.meta.get("postprocess", {}))
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{bundle.path}: invalid post-processing parameters ({exc})") from None
 
 
 def evaluate(
@@ -83,7 +88,7 @@ def evaluate(
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
     predictor = Predictor(bundle, device=device)
-    post = post or PostProcess.from_dict(bundle.meta.get("postprocess", {}))
+    post = post or postprocess_of(bundle)
     rows = []
     for s in tqdm(samples, desc=f"evaluate ({protocol})", disable=not progress, leave=False):
         if protocol == "paper":
@@ -96,5 +101,5 @@ def evaluate(
         "model_mpp": predictor.mpp,
         "images": len(rows),
         "per_image": rows,
-        "summary": summarize([{k: v for k, v in r.items() if k != "image_id"} for r in rows]),
+        "summary": summarize(rows),
     }

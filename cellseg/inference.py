@@ -118,7 +118,9 @@ def predict_array(
         image = np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode="reflect")
     ph, pw = image.shape[:2]
     stride = tile_px - overlap_px
-    origins = [(y, x) for y in tile_origins(ph, tile_px, stride) for x in tile_origins(pw, tile_px, stride)]
+    origins = [
+        (y, x) for y in tile_origins(ph, tile_px, stride) for x in tile_origins(pw, tile_px, stride)
+    ]
     weights = blend_weights(tile_px, overlap_px)
     acc = None
     norm = np.zeros((ph, pw), dtype=np.float32)

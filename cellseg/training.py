@@ -153,7 +153,9 @@ class Trainer:
             self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay
         )
         self.scheduler = cosine_lr(opts, self.optimizer)
-        self.cim = SampleWeighting(self.model_config.widths[-1], CIMConfig(memory_size=opts.batch_size))
+        self.cim = SampleWeighting(
+            self.model_config.widths[-1], CIMConfig(memory_size=opts.batch_size)
+        )
         self.amp_dtype = None
         if self.device.type == "cuda":
             bf16 = torch.cuda.is_bf16_supported()
@@ -183,7 +185,7 @@ class Trainer:
                 self.train_samples,
                 mpp=self.opts.mpp,
                 crop_px=224,
-                crops_per_tile=self.opts.crops_per_tile,
+                crops_per_epoch_per_tile=self.opts.crops_per_tile,
                 augment=True,
                 seed=self.opts.seed,
             )
@@ -212,6 +214,7 @@ class Trainer:
         from tqdm import tqdm
 
         self.model.train()
+        self.train_set.set_epoch(self.epoch)  # seeded augmentation stream of this epoch
         sums: dict[str, float] = {}
         spreads = []
         bar = tqdm(
@@ -353,6 +356,7 @@ class Trainer:
             }
             (self.out / "options.json").write_text(json.dumps(info, indent=2))
         log_path = self.out / "log.jsonl"
+        val_dice = self.best_dice
         while self.epoch < self.opts.epoch_budget:
             if self.best_epoch >= 0 and self.epoch - self.best_epoch > self.opts.patience:
                 break
@@ -366,11 +370,19 @@ class Trainer:
             self.epoch += 1
             if self.epoch > self.opts.best_after_epoch and val_dice > self.best_dice:
                 self.best_dice, self.best_epoch = val_dice, self.epoch
-                save_bundle(self.out / "best.safetensors", self.model, self.model_config,
-                            self.bundle_meta(val_dice))
+                save_bundle(
+                    self.out / "best.safetensors",
+                    self.model,
+                    self.model_config,
+                    self.bundle_meta(val_dice),
+                )
                 record["best"] = True
-            save_bundle(self.out / "last.safetensors", self.model, self.model_config,
-                        self.bundle_meta(val_dice))
+            save_bundle(
+                self.out / "last.safetensors",
+                self.model,
+                self.model_config,
+                self.bundle_meta(val_dice),
+            )
             self.save_state()
             record["seconds"] = time.perf_counter() - t0
             with open(log_path, "a") as f:
@@ -378,8 +390,15 @@ class Trainer:
             if self.progress:
                 print(_epoch_line(record), flush=True)
         if self.best_epoch < 0:  # too few epochs to pass best_after_epoch: last is the best we have
-            (self.out / "best.safetensors").write_bytes((self.out / "last.safetensors").read_bytes())
-        return {"epochs": self.epoch, "best_epoch": self.best_epoch, "best_val_dice": self.best_dice}
+            (self.out / "best.safetensors").write_bytes(
+                (self.out / "last.safetensors").read_bytes()
+            )
+            self.best_epoch, self.best_dice = self.epoch, val_dice
+        return {
+            "epochs": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best_val_dice": self.best_dice,
+        }
 
 
 def _epoch_line(r: dict) -> str:
@@ -405,4 +424,3 @@ def train(opts: TrainOptions, resume: bool = False, progress: bool = True) -> di
             opts = TrainOptions(**stored)
     trainer = Trainer(opts, progress=progress)
     return trainer.run(resume=resume)
-

@@ -1,0 +1,525 @@
+"""MoNuSeg reading, training targets and the two training datasets (SPEC §8.1-8.3).
+
+Layouts accepted by :func:`find_samples` (folder names matched case-insensitively):
+
+- the shared layout ``ROOT/{train,test}/images/*.tif`` with ``annotations/*.xml`` and/or
+  ``instance_masks/*.png`` (``ROOT`` itself means ``ROOT/train``);
+- the official training download ``Tissue Images/*.tif`` + ``Annotations/*.xml``;
+- the official test download, ``.tif`` and ``.xml`` side by side in one folder.
+
+When an image has both an XML and an instance PNG, the XML wins: it is the official annotation
+and the PNGs were rendered from it. Array conventions follow docs/ARCHITECTURE.md: images are
+``H×W×3 uint8`` RGB, instance label maps ``H×W int32`` (0 = background), class targets
+``H×W uint8`` with 0 background, 1 nucleus interior, 2 nucleus boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+from defusedxml import DefusedXmlException, ElementTree
+from PIL import Image
+from skimage.draw import polygon
+from skimage.segmentation import find_boundaries, relabel_sequential
+from torch.utils.data import Dataset
+
+from cellseg.augment import AugmentParams, augment_pair, random_resized_box, random_zoom_box
+from cellseg.errors import DataError
+
+DEFAULT_MPP = 0.25
+"""Resolution assumed when the annotation does not give one: MoNuSeg tiles are 40× scans."""
+
+UCTRANSNET_VAL_IDS = (
+    "TCGA-18-5592-01Z-00-DX1",
+    "TCGA-AY-A8YK-01A-01-TS1",
+    "TCGA-E2-A14V-01Z-00-DX1",
+    "TCGA-E2-A1B5-01Z-00-DX1",
+    "TCGA-G9-6363-01Z-00-DX1",
+    "TCGA-HE-7129-01Z-00-DX1",
+)
+"""The 6 validation tiles of the UCTransNet split (SPEC §8.1), for folders without val_ids.txt."""
+
+_IMAGE_SUFFIXES = (".tif", ".tiff")
+_IMAGE_DIRS = ("images", "tissue images")
+_XML_DIRS = ("annotations",)
+_MASK_DIRS = ("instance_masks",)
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    """The files of one tile: its image and at least one of XML annotation and instance PNG."""
+
+    image_id: str
+    image_path: Path
+    xml_path: Path | None = None
+    mask_path: Path | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One loaded tile: ``image`` H×W×3 uint8 RGB, ``labels`` H×W int32, ``mpp`` in µm/px."""
+
+    image_id: str
+    image: np.ndarray
+    labels: np.ndarray
+    mpp: float
+
+
+# --------------------------------------------------------------------------- finding files
+
+
+def find_samples(root: Path) -> list[SampleFiles]:
+    """The tiles under ``root`` in any supported layout, sorted by image id.
+
+    Raises :class:`DataError` for a missing folder, a folder without ``.tif`` images, an image
+    without annotation, or two images with the same id.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    folder = _child_dir(root, ("train",)) or root
+    image_dir = _child_dir(folder, _IMAGE_DIRS) or folder
+    xml_dir = _child_dir(folder, _XML_DIRS)
+    mask_dir = _child_dir(folder, _MASK_DIRS)
+    image_paths = sorted(
+        path
+        for path in image_dir.iterdir()
+        if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES
+    )
+    if not image_paths:
+        raise DataError(
+            f"no .tif images in {image_dir} (expected images/ or 'Tissue Images/' beside "
+            "annotations/, or .tif and .xml files side by side)"
+        )
+    samples = [_sample_files(path, xml_dir, mask_dir) for path in image_paths]
+    _check_unique_ids(samples)
+    return samples
+
+
+def _child_dir(folder: Path, names: Sequence[str]) -> Path | None:
+    """The first sub-folder of ``folder`` whose lower-cased name is in ``names``."""
+    for child in sorted(folder.iterdir()):
+        if child.is_dir() and child.name.lower() in names:
+            return child
+    return None
+
+
+def _sample_files(image_path: Path, xml_dir: Path | None, mask_dir: Path | None) -> SampleFiles:
+    """Pair an image with its annotations: the XML in ``annotations/`` or else beside the image,
+    and the PNG in ``instance_masks/``."""
+    image_id = image_path.stem
+    xml_candidates = [image_path.with_suffix(".xml")]
+    if xml_dir is not None:
+        xml_candidates.insert(0, xml_dir / f"{image_id}.xml")
+    mask_candidates = [mask_dir / f"{image_id}.png"] if mask_dir is not None else []
+    xml_path = next((path for path in xml_candidates if path.is_file()), None)
+    mask_path = next((path for path in mask_candidates if path.is_file()), None)
+    if xml_path is None and mask_path is None:
+        expected = " or ".join(str(path) for path in [xml_candidates[0], *mask_candidates])
+        raise DataError(f"no annotation for image {image_path} (expected {expected})")
+    return SampleFiles(image_id, image_path, xml_path, mask_path)
+
+
+def _check_unique_ids(samples: Sequence[SampleFiles]) -> None:
+    seen: dict[str, Path] = {}
+    for files in samples:
+        if files.image_id in seen:
+            raise DataError(f"two images with id {files.image_id}: {seen[files.image_id]}")
+        seen[files.image_id] = files.image_path
+
+
+def find_ids_file(root: Path, name: str = "val_ids.txt") -> Path | None:
+    """``name`` in ``root`` or, when ``root`` is a training folder itself, in its parent."""
+    for folder in (Path(root), Path(root).parent):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_ids(path: Path) -> list[str]:
+    """Image ids from a ``*_ids.txt`` file: one per line; blank lines and ``#`` comments skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read id list {path}: {_one_line(error)}") from error
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+class _HasImageId(Protocol):
+    @property
+    def image_id(self) -> str: ...
+
+
+SampleT = TypeVar("SampleT", bound=_HasImageId)
+
+
+def split_samples(
+    samples: Sequence[SampleT], val_ids: Sequence[str]
+) -> tuple[list[SampleT], list[SampleT]]:
+    """``(train, val)``: the samples whose id is in ``val_ids`` go to ``val``, order kept.
+
+    Works on :class:`SampleFiles` (split before loading) and :class:`Sample` alike.
+    """
+    wanted = set(val_ids)
+    missing = wanted - {sample.image_id for sample in samples}
+    if missing:
+        raise DataError(f"validation ids not in the dataset: {', '.join(sorted(missing))}")
+    train = [sample for sample in samples if sample.image_id not in wanted]
+    val = [sample for sample in samples if sample.image_id in wanted]
+    return train, val
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def load_sample(files: SampleFiles) -> Sample:
+    """Read one tile; the XML annotation is preferred over the instance PNG (module docstring).
+
+    ``mpp`` comes from the XML ``MicronsPerPixel`` attribute, else :data:`DEFAULT_MPP`.
+    """
+    image = read_image(files.image_path)
+    shape_hw = image.shape[:2]
+    mpp = None
+    if files.xml_path is not None:
+        labels, mpp = read_xml_annotation(files.xml_path, shape_hw)
+    elif files.mask_path is not None:
+        labels = read_instance_png(files.mask_path)
+        if labels.shape != shape_hw:
+            raise DataError(
+                f"instance mask {files.mask_path} is {labels.shape[1]}×{labels.shape[0]} px but "
+                f"its image is {shape_hw[1]}×{shape_hw[0]} px"
+            )
+    else:
+        raise DataError(f"no annotation for image {files.image_path}")
+    return Sample(files.image_id, image, labels, DEFAULT_MPP if mpp is None else mpp)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB tile as ``H×W×3 uint8``: tifffile first, Pillow as fallback; alpha dropped,
+    grey replicated."""
+    try:
+        array = tifffile.imread(path, key=0)
+    except Exception as tiff_error:  # decoders raise many types; any of them means "unreadable"
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image)
+        except Exception:
+            raise DataError(f"cannot read image {path}: {_one_line(tiff_error)}") from tiff_error
+    if array.ndim < 2 or array.size == 0:
+        raise DataError(f"cannot read image {path}: no image data")
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar (separate) TIFF: channels first
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
+        raise DataError(f"image {path} is not 8-bit RGB (shape {array.shape}, {array.dtype})")
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def read_instance_png(path: Path) -> np.ndarray:
+    """A single-channel instance label PNG (8 or 16 bit) as ``H×W int32``."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError, ...
+        raise DataError(f"cannot read instance mask {path}: {_one_line(error)}") from error
+    if array.ndim != 2:
+        raise DataError(f"instance mask {path} is not a single-channel label image")
+    return array.astype(np.int32)
+
+
+def read_xml_annotation(path: Path, shape_hw: tuple[int, int]) -> tuple[np.ndarray, float | None]:
+    """Rasterise a MoNuSeg (Aperio ImageScope) XML: ``(labels H×W int32, mpp or None)``.
+
+    One ``Region`` per nucleus, ``Vertex`` X/Y in tile pixels. Parsed with defusedxml, since the
+    files come from outside; see :func:`rasterize_polygons` for the drawing rules.
+    """
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, DefusedXmlException, OSError) as error:
+        raise DataError(f"cannot parse annotation {path}: {_one_line(error)}") from error
+    polygons_xy = [_region_vertices_xy(region, path) for region in root.iter("Region")]
+    return rasterize_polygons(polygons_xy, shape_hw), _xml_mpp(root, path)
+
+
+def _region_vertices_xy(region: ElementTree.Element, path: Path) -> np.ndarray:
+    """``N×2`` float64 (x, y) vertices of one ``Region``."""
+    try:
+        vertices = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
+    except (TypeError, ValueError) as error:
+        raise DataError(f"bad vertex in region {region.get('Id')} of {path}") from error
+    return np.asarray(vertices, dtype=np.float64).reshape(-1, 2)
+
+
+def _xml_mpp(root: ElementTree.Element, path: Path) -> float | None:
+    """The ``MicronsPerPixel`` attribute of the root element, ``None`` when absent or empty."""
+    text = (root.get("MicronsPerPixel") or "").strip()
+    if not text:
+        return None
+    try:
+        mpp = float(text)
+    except ValueError:
+        mpp = float("nan")
+    if not 0 < mpp < float("inf"):
+        raise DataError(f"invalid MicronsPerPixel {text!r} in {path}")
+    return mpp
+
+
+def rasterize_polygons(polygons_xy: Sequence[np.ndarray], shape_hw: tuple[int, int]) -> np.ndarray:
+    """Instance label map ``H×W int32`` from ``N×2`` (x, y) polygons, labels 1..N in order.
+
+    - A pixel belongs to a polygon when its centre is inside or on the outline
+      (``skimage.draw.polygon``); polygons are clipped to the image.
+    - Where polygons overlap, the EARLIER one keeps the pixel. The shared instance PNGs were
+      drawn that way: on TCGA-21-5784 they agree with first-wins on 97% of overlap pixels and
+      with last-wins on 3%, so XML and PNG tiles get the same labels.
+    - Polygons with fewer than 3 vertices are skipped; ids of skipped, fully covered or
+      off-image polygons are closed up so labels stay consecutive.
+    """
+    labels = np.zeros(shape_hw, np.int32)
+    next_label = 1
+    for vertices_xy in polygons_xy:
+        if len(vertices_xy) < 3:
+            continue
+        rows, cols = polygon(vertices_xy[:, 1], vertices_xy[:, 0], shape=shape_hw)
+        free = labels[rows, cols] == 0
+        labels[rows[free], cols[free]] = next_label
+        next_label += 1
+    return relabel_sequential(labels)[0].astype(np.int32, copy=False)
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an exception's message (messages from decoders can span lines)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# --------------------------------------------------------------------------- targets and resizing
+
+
+def class_targets(labels: np.ndarray) -> np.ndarray:
+    """``H×W uint8`` classes from ``H×W`` instance labels: 0 background, 1 interior, 2 boundary.
+
+    The boundary is each instance's own pixels that 4-touch background or another instance
+    (``find_boundaries(mode="inner", connectivity=1)``): 1 px wide against background, and 2 px
+    (one per side) between touching nuclei, so interiors of touching nuclei never touch and can
+    seed one watershed marker each. Instance edges on the image border are not boundary.
+    """
+    targets = (labels > 0).astype(np.uint8)
+    targets[find_boundaries(labels, connectivity=1, mode="inner")] = 2
+    return targets
+
+
+def paper_mask(labels: np.ndarray, size: int = 224) -> np.ndarray:
+    """UCTransNet ground truth (SPEC §8.2): the binary mask resized to ``size×size`` with
+    bilinear interpolation as ``cv2.resize`` (half-pixel centres, no antialiasing), then ``> 0``.
+
+    Returns ``size×size bool``. The threshold slightly dilates the nuclei (test-set foreground
+    0.221 against 0.198 with nearest resizing, SPEC §8.2); kept for comparability.
+    """
+    foreground = torch.from_numpy((labels > 0).astype(np.float32))[None, None]
+    resized = F.interpolate(
+        foreground, size=(size, size), mode="bilinear", align_corners=False, antialias=False
+    )
+    return (resized[0, 0] > 0).numpy()
+
+
+def paper_targets(labels: np.ndarray, size: int = 224) -> np.ndarray:
+    """``size×size uint8`` class targets of the paper preset.
+
+    Foreground is :func:`paper_mask`. Boundary (class 2) is the inner boundary of the
+    nearest-resized instance map plus the rim that the bilinear threshold adds around it, so
+    every interior pixel lies inside a boundary ring and the rim cannot bridge the interiors
+    of neighbouring nuclei. The nearest map lies inside the paper mask (its sample is one of
+    the bilinear taps, with weight ≥ 0.5), so binary metrics see exactly :func:`paper_mask`.
+    """
+    foreground = paper_mask(labels, size)
+    nearest = resize_labels_nearest(labels, (size, size))
+    boundary = find_boundaries(nearest, connectivity=1, mode="inner") | (nearest == 0)
+    targets = foreground.astype(np.uint8)
+    targets[boundary & foreground] = 2
+    return targets
+
+
+def resize_labels_nearest(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize sampling at pixel centres (``torch`` ``nearest-exact``)."""
+    rows = _nearest_indices(labels.shape[0], size_hw[0])
+    cols = _nearest_indices(labels.shape[1], size_hw[1])
+    return labels[np.ix_(rows, cols)]
+
+
+def _nearest_indices(in_px: int, out_px: int) -> np.ndarray:
+    centres = (np.arange(out_px) + 0.5) * (in_px / out_px)
+    return np.minimum(centres.astype(np.int64), in_px - 1)
+
+
+def resize_image(image: np.ndarray, size_hw: tuple[int, int], antialias: bool) -> np.ndarray:
+    """Bilinear resize of ``H×W×3 uint8`` to ``size_hw`` (half-pixel centres), rounded to uint8.
+
+    ``antialias=False`` reproduces ``cv2.resize`` INTER_LINEAR; ``antialias=True`` widens the
+    filter when downsampling (as Pillow), so no aliasing when changing resolution.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    resized = F.interpolate(
+        tensor, size=size_hw, mode="bilinear", align_corners=False, antialias=antialias
+    )
+    return resized[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def resize_sample(sample: Sample, target_mpp: float) -> Sample:
+    """``sample`` resampled to about ``target_mpp`` µm/px.
+
+    The image is bilinear with antialiasing when downsampling, labels are nearest. Sizes are
+    rounded to whole pixels, so the returned ``mpp`` is the one achieved along x
+    (e.g. 0.2527 µm/px at 1000 px → 505 px at 0.50040 µm/px).
+    """
+    height, width = sample.labels.shape
+    factor = sample.mpp / target_mpp
+    size_hw = (max(1, round(height * factor)), max(1, round(width * factor)))
+    if size_hw == (height, width):
+        return sample
+    image = resize_image(sample.image, size_hw, antialias=factor < 1)
+    labels = resize_labels_nearest(sample.labels, size_hw)
+    return Sample(sample.image_id, image, labels, sample.mpp * width / size_hw[1])
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def item_rng(seed: int | None, epoch: int, index: int) -> np.random.Generator:
+    """The random generator for one dataset item.
+
+    With a ``seed``, the draws depend only on ``(seed, epoch, index)``: identical whatever the
+    worker count or order (call ``set_epoch`` each epoch). Without one, the seed is drawn from
+    torch's global generator, which ``torch.manual_seed`` fixes in the main process and the
+    DataLoader seeds per worker (``base_seed + worker_id``), so runs still repeat with a seed.
+    """
+    if seed is None:
+        return np.random.default_rng(int(torch.randint(0, 2**62, ())))
+    return np.random.default_rng([seed, epoch, index])
+
+
+def _chw_uint8(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class PaperDataset(Dataset):
+    """Paper preset (SPEC §8.2-8.3): each whole tile resized to ``size×size``, as UCTransNet.
+
+    Images are resized like ``cv2.resize`` (bilinear, no antialiasing), targets are
+    :func:`paper_targets`; both are computed once here. With ``augment``, each item is a
+    RandomResizedCrop of the resized tile (area 0.6-1.0, aspect ratio 0.9-1.1) warped back to
+    ``size`` together with flips/rotations, then blurred and colour-jittered
+    (:class:`~cellseg.augment.AugmentParams`). Items are ``(3×size×size float32 in [0, 1],
+    size×size int64)``, not normalised (the model normalises).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        augment: bool,
+        size: int = 224,
+        params: AugmentParams | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.augment = augment
+        self.size = size
+        self.params = params or AugmentParams()
+        self.seed = seed
+        self.epoch = 0
+        self.image_ids = [sample.image_id for sample in samples]
+        self.images = [
+            _chw_uint8(resize_image(s.image, (size, size), antialias=False)) for s in samples
+        ]
+        self.targets = [torch.from_numpy(paper_targets(s.labels, size)) for s in samples]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random stream (only used with a fixed ``seed``)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index].float() / 255.0
+        target = self.targets[index]
+        if not self.augment:
+            return image, target.long()
+        rng = item_rng(self.seed, self.epoch, index)
+        box = random_resized_box(self.size, self.size, rng, scale=(0.6, 1.0), ratio=(0.9, 1.1))
+        return augment_pair(image, target, box, self.size, rng, self.params)
+
+
+class WsiDataset(Dataset):
+    """WSI preset: random ``crop_px`` crops at a physical resolution (default 0.5 µm/px).
+
+    Each tile is resized once to ``mpp`` (0.25 → 0.5 µm/px halves 1000 px to 500 px) and its
+    :func:`class_targets` computed at that resolution. An epoch draws
+    ``crops_per_epoch_per_tile`` crops from every tile (item ``i`` comes from tile
+    ``i // crops_per_epoch_per_tile``). With ``augment``, the crop box side is ``crop_px``
+    times a zoom uniform in 0.85-1.15 (±15% around the physical mpp), warped with
+    flips/rotations and then blurred and colour-jittered; without, it is a plain crop at a
+    random whole-pixel position. Items are ``(3×crop_px×crop_px float32 in [0, 1],
+    crop_px×crop_px int64)``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        mpp: float = 0.5,
+        crop_px: int = 224,
+        crops_per_epoch_per_tile: int = 8,
+        augment: bool = True,
+        params: AugmentParams | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.mpp = mpp
+        self.crop_px = crop_px
+        self.crops_per_tile = crops_per_epoch_per_tile
+        self.augment = augment
+        self.params = params or AugmentParams()
+        self.seed = seed
+        self.epoch = 0
+        self.image_ids = [sample.image_id for sample in samples]
+        self.images: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        for sample in samples:
+            resized = resize_sample(sample, mpp)
+            if min(resized.labels.shape) < crop_px:
+                raise DataError(
+                    f"tile {sample.image_id} is {resized.labels.shape[1]}×"
+                    f"{resized.labels.shape[0]} px at {mpp} µm/px, smaller than the "
+                    f"{crop_px} px crop"
+                )
+            self.images.append(_chw_uint8(resized.image))
+            self.targets.append(torch.from_numpy(class_targets(resized.labels)))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random stream (only used with a fixed ``seed``)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images) * self.crops_per_tile
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        tile = index // self.crops_per_tile
+        image, target = self.images[tile], self.targets[tile]
+        height, width = target.shape
+        rng = item_rng(self.seed, self.epoch, index)
+        if self.augment:
+            box = random_zoom_box(height, width, self.crop_px, rng, zoom=(0.85, 1.15))
+            return augment_pair(image.float() / 255.0, target, box, self.crop_px, rng, self.params)
+        top = int(rng.integers(height - self.crop_px + 1))
+        left = int(rng.integers(width - self.crop_px + 1))
+        window = (slice(top, top + self.crop_px), slice(left, left + self.crop_px))
+        return image[:, window[0], window[1]].float() / 255.0, target[window].long()

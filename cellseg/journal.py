@@ -1,0 +1,169 @@
+"""The resume journal of one slide's prediction: completed regions and their nuclei.
+
+Regions are labelled in raster order, so what a run has completed is a *prefix* of the regions:
+the journal records its length, the next free nucleus id and how many bytes of ``nuclei.jsonl``
+belong to it. Nuclei are appended (and fsynced) before ``progress.json`` is atomically replaced,
+so a run killed at any moment leaves a journal that describes a consistent prefix; bytes past the
+recorded length are an unfinished region and are truncated on resume. A restarted run with the
+same inputs and parameters (its *fingerprint*) continues from there and ends with the same
+nuclei, ids included, as an uninterrupted run.
+
+Layout of the work folder: ``progress.json`` (fingerprint, ``regions_done``, ``next_id``,
+``nuclei_bytes`` and running ``counters`` such as seconds spent) and ``nuclei.jsonl`` (one nucleus per line:
+``{"id", "rings", "measurements"}``, rings in QuPath level-0 pixels).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import shapely
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+NUCLEI = "nuclei.jsonl"
+
+
+@dataclass
+class NucleusRecord:
+    """One exported nucleus.
+
+    Attributes:
+        id: global instance id, the value of its pixels in the Zarr ``labels``.
+        polygon: outline in QuPath level-0 pixel coordinates (valid at 0.01 px).
+        measurements: QuPath measurements (area µm², perimeter µm, probability, ...).
+    """
+
+    id: int
+    polygon: shapely.Polygon
+    measurements: dict[str, float]
+
+    def to_json(self) -> str:
+        rings = [self.polygon.exterior.coords, *(r.coords for r in self.polygon.interiors)]
+        return json.dumps(
+            {
+                "id": self.id,
+                "rings": [[list(xy) for xy in ring] for ring in rings],
+                "measurements": self.measurements,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> NucleusRecord:
+        data = json.loads(line)
+        rings = data["rings"]
+        # JSON round-trips Python floats exactly, so the polygon is the one that was written.
+        return cls(int(data["id"]), shapely.Polygon(rings[0], rings[1:]), data["measurements"])
+
+
+class Journal:
+    """Progress of one slide in ``work_dir``; created fresh or resumed by :meth:`open`.
+
+    Attributes:
+        regions_done: regions completed, in raster order.
+        next_id: the id the next nucleus gets (ids start at 1).
+        counters: running totals over all sessions (e.g. ``seconds``), committed with regions.
+        resumed: True when an earlier run's progress was picked up.
+    """
+
+    def __init__(self, work_dir: Path, fingerprint: dict[str, Any]) -> None:
+        self.work_dir = Path(work_dir)
+        self.fingerprint = fingerprint
+        self.regions_done = 0
+        self.next_id = 1
+        self.nuclei_bytes = 0
+        self.counters: dict[str, float] = {}
+        self.resumed = False
+        self._nuclei_file = None
+
+    @classmethod
+    def open(cls, work_dir: Path, fingerprint: dict[str, Any]) -> Journal:
+        """Resumes the journal in ``work_dir`` if its fingerprint matches, else starts afresh.
+
+        A journal with another fingerprint (different slide file, model or parameters) is
+        discarded with a warning, together with the rest of the work folder.
+        """
+        journal = cls(work_dir, fingerprint)
+        saved = journal._load()
+        if saved is not None and saved.get("fingerprint") != fingerprint:
+            log.warning("%s: parameters or inputs changed; starting this slide afresh", work_dir)
+            saved = None
+        if saved is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            work_dir.mkdir(parents=True)
+            journal._save()
+        else:
+            journal.regions_done = int(saved["regions_done"])
+            journal.next_id = int(saved["next_id"])
+            journal.nuclei_bytes = int(saved["nuclei_bytes"])
+            journal.counters = dict(saved["counters"])
+            journal.resumed = True
+        nuclei_path = work_dir / NUCLEI
+        nuclei_path.touch()
+        # Bytes past the recorded length belong to a region that did not finish.
+        os.truncate(nuclei_path, journal.nuclei_bytes)
+        journal._nuclei_file = open(nuclei_path, "ab")  # noqa: SIM115 (closed by close())
+        return journal
+
+    def _load(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.work_dir / PROGRESS).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _save(self) -> None:
+        state = {
+            "fingerprint": self.fingerprint,
+            "regions_done": self.regions_done,
+            "next_id": self.next_id,
+            "nuclei_bytes": self.nuclei_bytes,
+            "counters": self.counters,
+        }
+        tmp = self.work_dir / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.work_dir / PROGRESS)
+
+    def record_region(
+        self, nuclei: Iterable[NucleusRecord], next_id: int, counters: dict[str, float]
+    ) -> None:
+        """Appends one completed region's nuclei, then commits it (fsync, atomic progress)."""
+        assert self._nuclei_file is not None, "journal is not open"
+        data = "".join(record.to_json() + "\n" for record in nuclei).encode("utf-8")
+        if data:
+            self._nuclei_file.write(data)
+            self._nuclei_file.flush()
+            os.fsync(self._nuclei_file.fileno())
+        self.nuclei_bytes = self._nuclei_file.tell()
+        self.regions_done += 1
+        self.next_id = next_id
+        self.counters = dict(counters)
+        self._save()
+
+    def nuclei(self) -> Iterator[NucleusRecord]:
+        """The committed nuclei, streamed from disk in id order."""
+        with open(self.work_dir / NUCLEI, "rb") as f:
+            consumed = 0
+            for line in f:
+                consumed += len(line)
+                if consumed > self.nuclei_bytes:
+                    break
+                yield NucleusRecord.from_json(line.decode("utf-8"))
+
+    def close(self) -> None:
+        if self._nuclei_file is not None:
+            self._nuclei_file.close()
+            self._nuclei_file = None
+
+    def remove(self) -> None:
+        """Deletes the work folder (after the outputs were written, or after a data error)."""
+        self.close()
+        shutil.rmtree(self.work_dir, ignore_errors=True)

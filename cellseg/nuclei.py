@@ -1,0 +1,156 @@
+"""Nucleus instances of one region: watershed on core + halo, seam ownership, polygons.
+
+A region is labelled on its *window* (core grown by the halo) and keeps a nucleus only when the
+nucleus's centroid lies in the region's *core* (:mod:`cellseg.tiling`). The centroid is computed
+from integer pixel sums in canvas coordinates, so every window that sees a nucleus whole computes
+the same centroid bit for bit and exactly one region owns it: a nucleus on a seam is neither
+duplicated nor cut (StarDist ``big.py``; the failure reports in PEERS.md §5, "Seams").
+
+An owned object that touches a window side lying inside the canvas is larger than the halo can
+guarantee; it is dropped and counted (at the default 32 µm halo such an object is far larger
+than any nucleus, e.g. a smear of low-confidence foreground).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .geojson import mask_polygon, polygon_measurements
+from .tiling import Box
+
+PROBABILITY_KEY = "Nucleus probability"
+LABEL_KEY = "Label"  # the nucleus's id in the Zarr ``labels`` array
+
+
+@dataclass
+class OwnedNucleus:
+    """A nucleus kept by a region.
+
+    Attributes:
+        local_label: its value in the window's label map.
+        slices: ``(rows, cols)`` bounding box in window pixels.
+        area_px: pixel count at the model's resolution.
+        mean_probability: mean nucleus probability (``p1 + p2``) over its pixels.
+    """
+
+    local_label: int
+    slices: tuple[slice, slice]
+    area_px: int
+    mean_probability: float
+
+
+def probabilities_from_store(nucleus_u8: np.ndarray, interior_u8: np.ndarray | None) -> np.ndarray:
+    """Rebuild ``C×h×w`` float32 class probabilities from the uint8 maps kept on disk.
+
+    Args:
+        nucleus_u8: ``h×w`` uint8 nucleus probability ``(1 - p0)·255``.
+        interior_u8: ``h×w`` uint8 interior probability ``p1·255`` (three-class models), or
+            None for two-class models.
+
+    Returns:
+        ``[1 - n, i, n - i]`` (three classes) or ``[1 - n, n]`` (two), with ``n``, ``i`` in [0, 1].
+    """
+    nucleus = nucleus_u8.astype(np.float32) / 255.0
+    if interior_u8 is None:
+        return np.stack([1.0 - nucleus, nucleus])
+    interior = np.minimum(interior_u8.astype(np.float32) / 255.0, nucleus)
+    return np.stack([1.0 - nucleus, interior, nucleus - interior])
+
+
+def owned_nuclei(
+    labels: np.ndarray,
+    nucleus_prob: np.ndarray,
+    window: Box,
+    core: Box,
+    canvas_hw: tuple[int, int],
+) -> tuple[list[OwnedNucleus], int]:
+    """The nuclei of a labelled window that belong to its region.
+
+    Args:
+        labels: ``h×w`` int label map of the window (0 background).
+        nucleus_prob: ``h×w`` float nucleus probability of the window.
+        window: canvas box of the window.
+        core: canvas box of the region's core (inside ``window``).
+        canvas_hw: canvas (height, width), to tell window sides on the canvas edge (where a
+            nucleus may legitimately be cut by the slide or ROI border) from inner sides.
+
+    Returns:
+        ``(owned, dropped)``: owned nuclei in label order, and the number of owned objects
+        dropped because they touch an inner window side.
+    """
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return [], 0
+    flat = labels.ravel()
+    height, width = labels.shape
+    rows = np.repeat(np.arange(height, dtype=np.float64), width)
+    cols = np.tile(np.arange(width, dtype=np.float64), height)
+    count = np.bincount(flat, minlength=n + 1).astype(np.int64)
+    # Exact integer sums (float64 is exact below 2**53), then integer floor division.
+    row_sum = np.bincount(flat, weights=rows, minlength=n + 1).astype(np.int64)
+    col_sum = np.bincount(flat, weights=cols, minlength=n + 1).astype(np.int64)
+    prob_sum = np.bincount(flat, weights=nucleus_prob.ravel(), minlength=n + 1)
+    wy0, _, wx0, _ = window
+    owned: list[OwnedNucleus] = []
+    dropped = 0
+    for index, slices in enumerate(ndi.find_objects(labels), start=1):
+        if slices is None or count[index] == 0:
+            continue
+        cy = (wy0 * count[index] + row_sum[index]) // count[index]
+        cx = (wx0 * count[index] + col_sum[index]) // count[index]
+        if not (core[0] <= cy < core[1] and core[2] <= cx < core[3]):
+            continue
+        if _touches_inner_side(slices, labels.shape, window, canvas_hw):
+            dropped += 1
+            continue
+        mean = float(prob_sum[index] / count[index])
+        owned.append(OwnedNucleus(index, slices, int(count[index]), mean))
+    return owned, dropped
+
+
+def _touches_inner_side(
+    slices: tuple[slice, slice], shape: tuple[int, int], window: Box, canvas_hw: tuple[int, int]
+) -> bool:
+    rows, cols = slices
+    return (
+        (rows.start == 0 and window[0] > 0)
+        or (rows.stop == shape[0] and window[1] < canvas_hw[0])
+        or (cols.start == 0 and window[2] > 0)
+        or (cols.stop == shape[1] and window[3] < canvas_hw[1])
+    )
+
+
+def nucleus_outline(
+    labels: np.ndarray,
+    nucleus: OwnedNucleus,
+    window: Box,
+    scale: float,
+    offset_xy: tuple[float, float],
+):
+    """The nucleus's polygon in QuPath level-0 pixels, or None when degenerate.
+
+    Args:
+        labels: the window's label map.
+        nucleus: the nucleus (its bounding box and label).
+        window: canvas box of the window.
+        scale: level-0 pixels per canvas pixel.
+        offset_xy: subtracted from scaled canvas coordinates to reach QuPath's frame
+            (QuPath bounds origin minus the canvas's level-0 origin).
+    """
+    rows, cols = nucleus.slices
+    mask = labels[rows, cols] == nucleus.local_label
+    origin_xy = (window[2] + cols.start, window[0] + rows.start)
+    return mask_polygon(mask, origin_xy, scale, offset_xy)
+
+
+def nucleus_measurements(
+    polygon, nucleus: OwnedNucleus, label_id: int, level0_mpp: float
+) -> dict[str, float]:
+    """QuPath measurements: area µm², perimeter µm, mean probability and the Zarr label id."""
+    values = polygon_measurements(polygon, level0_mpp)
+    values[PROBABILITY_KEY] = round(nucleus.mean_probability, 4)
+    values[LABEL_KEY] = float(label_id)
+    return values
