@@ -83,16 +83,16 @@ def find_samples(root: Path) -> list[SampleFiles]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
+        raise DataError(f"dataset folder not found (or not a folder): {root}")
     folder = _child_dir(root, ("train",)) or root
     image_dir = _child_dir(folder, _IMAGE_DIRS) or folder
     xml_dir = _child_dir(folder, _XML_DIRS)
     mask_dir = _child_dir(folder, _MASK_DIRS)
-    image_paths = sorted(
+    image_paths = [
         path
-        for path in image_dir.iterdir()
+        for path in _list_dir(image_dir)
         if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES
-    )
+    ]
     if not image_paths:
         raise DataError(
             f"no .tif images in {image_dir} (expected images/ or 'Tissue Images/' beside "
@@ -103,9 +103,17 @@ def find_samples(root: Path) -> list[SampleFiles]:
     return samples
 
 
+def _list_dir(folder: Path) -> list[Path]:
+    """The entries of ``folder``, sorted; :class:`DataError` if it cannot be listed."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as error:
+        raise DataError(f"cannot list folder {folder}: {_one_line(error)}") from error
+
+
 def _child_dir(folder: Path, names: Sequence[str]) -> Path | None:
     """The first sub-folder of ``folder`` whose lower-cased name is in ``names``."""
-    for child in sorted(folder.iterdir()):
+    for child in _list_dir(folder):
         if child.is_dir() and child.name.lower() in names:
             return child
     return None
@@ -131,7 +139,10 @@ def _check_unique_ids(samples: Sequence[SampleFiles]) -> None:
     seen: dict[str, Path] = {}
     for files in samples:
         if files.image_id in seen:
-            raise DataError(f"two images with id {files.image_id}: {seen[files.image_id]}")
+            raise DataError(
+                f"two images with id {files.image_id}: {seen[files.image_id]} and "
+                f"{files.image_path}"
+            )
         seen[files.image_id] = files.image_path
 
 
@@ -277,10 +288,14 @@ def rasterize_polygons(polygons_xy: Sequence[np.ndarray], shape_hw: tuple[int, i
     """Instance label map ``H×W int32`` from ``N×2`` (x, y) polygons, labels 1..N in order.
 
     - A pixel belongs to a polygon when its centre is inside or on the outline
-      (``skimage.draw.polygon``); polygons are clipped to the image.
-    - Where polygons overlap, the EARLIER one keeps the pixel. The shared instance PNGs were
-      drawn that way: on TCGA-21-5784 they agree with first-wins on 97% of overlap pixels and
-      with last-wins on 3%, so XML and PNG tiles get the same labels.
+      (``skimage.draw.polygon``); polygons are clipped to the image. The shared instance PNGs
+      were drawn the same way (matched-nucleus IoU 0.97-0.995 on the 13 tiles that have both,
+      0.90 on TCGA-B0-5710), so XML and PNG tiles get the same labels. MoNuSeg vertices mostly
+      sit on whole pixels, so "on the outline" counts about 8% more pixels than the polygon
+      area; a top-left fill rule would match the area, and reproduces the test-set foreground
+      of SPEC §8.2 (0.199 nearest, 0.221 paper) where this rule gives 0.215 and 0.238.
+    - Where polygons overlap, the EARLIER one keeps the pixel, again as in the shared PNGs: on
+      TCGA-21-5784 they agree with first-wins on 97% of overlap pixels, with last-wins on 3%.
     - Polygons with fewer than 3 vertices are skipped; ids of skipped, fully covered or
       off-image polygons are closed up so labels stay consecutive.
     """

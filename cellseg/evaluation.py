@@ -103,3 +103,54 @@ def evaluate(
         "per_image": rows,
         "summary": summarize(rows),
     }
+
+
+def tune_postprocess(
+    bundle: ModelBundle,
+    samples: list[Sample],
+    device: str = "auto",
+    fg_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6),
+    marker_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7),
+    progress: bool = True,
+) -> tuple[PostProcess, list[dict]]:
+    """Grid-searches the watershed thresholds for the best mean AJI on *validation* tiles.
+
+    The network runs once per tile; only the post-processing is repeated. Returns the best
+    parameters and one row per grid point (mean AJI, PQ, Dice), for the model card.
+    """
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    predictor = Predictor(bundle, device=device)
+    base = postprocess_of(bundle)
+    cached = []
+    for s in tqdm(samples, desc="predict validation tiles", disable=not progress, leave=False):
+        h, w = s.labels.shape
+        scale = s.mpp / predictor.mpp
+        image = _resize_image(s.image, (round(h * scale), round(w * scale)), antialias=True)
+        probs = predict_array(image, predictor, predictor.tile_px, 64)
+        cached.append((s, _resize_probs(probs, (h, w))))
+    rows = []
+    for fg in fg_thresholds:
+        for marker in marker_thresholds:
+            post = replace(base, fg_threshold=fg, marker_threshold=marker)
+            scores = []
+            for s, probs in cached:
+                labels = label_instances(probs, s.mpp, post)
+                m = instance_metrics(s.labels, labels)
+                scores.append((m["aji"], m["pq"], dice(labels > 0, s.labels > 0)))
+            aji_mean, pq_mean, dice_mean = np.mean(scores, axis=0)
+            rows.append(
+                {
+                    "fg_threshold": fg,
+                    "marker_threshold": marker,
+                    "aji": aji_mean,
+                    "pq": pq_mean,
+                    "dice": dice_mean,
+                }
+            )
+    best = max(rows, key=lambda r: r["aji"])
+    return replace(
+        base, fg_threshold=best["fg_threshold"], marker_threshold=best["marker_threshold"]
+    ), rows

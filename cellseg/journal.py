@@ -114,6 +114,13 @@ class Journal:
         journal._nuclei_file = open(nuclei_path, "ab")  # noqa: SIM115 (closed by close())
         return journal
 
+    def restart(self) -> None:
+        """Forgets all progress and empties the work folder (keeps the fingerprint)."""
+        self.close()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        fresh = Journal.open(self.work_dir, self.fingerprint)
+        self.__dict__.update(fresh.__dict__)
+
     def _load(self) -> dict[str, Any] | None:
         try:
             return json.loads((self.work_dir / PROGRESS).read_text())

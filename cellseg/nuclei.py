@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+from shapely.geometry import Polygon
 
 from .geojson import mask_polygon, polygon_measurements
+from .instances import PostProcess, label_instances
 from .tiling import Box
 
 PROBABILITY_KEY = "Nucleus probability"
@@ -129,7 +131,7 @@ def nucleus_outline(
     window: Box,
     scale: float,
     offset_xy: tuple[float, float],
-):
+) -> Polygon | None:
     """The nucleus's polygon in QuPath level-0 pixels, or None when degenerate.
 
     Args:
@@ -146,11 +148,60 @@ def nucleus_outline(
     return mask_polygon(mask, origin_xy, scale, offset_xy)
 
 
-def nucleus_measurements(
-    polygon, nucleus: OwnedNucleus, label_id: int, level0_mpp: float
-) -> dict[str, float]:
-    """QuPath measurements: area µm², perimeter µm, mean probability and the Zarr label id."""
-    values = polygon_measurements(polygon, level0_mpp)
-    values[PROBABILITY_KEY] = round(nucleus.mean_probability, 4)
-    values[LABEL_KEY] = float(label_id)
-    return values
+
+
+@dataclass
+class RegionNuclei:
+    """What labelling one region produced (picklable, returned by worker processes).
+
+    Attributes:
+        labels: ``h×w`` int32 window label map (local ids).
+        nuclei: ``(local_label, polygon, measurements)`` of the owned nuclei with a valid
+            outline, in label order; measurements lack the ``Label`` id, given at commit time.
+        dropped: owned objects dropped for touching an inner window side.
+    """
+
+    labels: np.ndarray
+    nuclei: list[tuple[int, Polygon, dict[str, float]]]
+    dropped: int
+
+
+@dataclass(frozen=True)
+class RegionJob:
+    """Inputs of :func:`extract_region` besides the probabilities (picklable)."""
+
+    window: Box
+    core: Box
+    canvas_hw: tuple[int, int]
+    model_mpp: float
+    params: PostProcess
+    scale: float
+    offset_xy: tuple[float, float]
+    slide_mpp: float
+
+
+def extract_region(
+    nucleus_u8: np.ndarray, interior_u8: np.ndarray | None, job: RegionJob
+) -> RegionNuclei:
+    """Watershed of a region's window, seam ownership, outlines and measurements.
+
+    This is the CPU-heavy part of post-processing; it is a pure function of its arguments so
+    that it can run in worker processes while results are committed in region order.
+
+    Args:
+        nucleus_u8, interior_u8: the window's stored probabilities (see
+            :func:`probabilities_from_store`).
+        job: geometry and parameters.
+    """
+    probs = probabilities_from_store(nucleus_u8, interior_u8)
+    labels = label_instances(probs, job.model_mpp, job.params)
+    owned, dropped = owned_nuclei(labels, 1.0 - probs[0], job.window, job.core, job.canvas_hw)
+    nuclei = []
+    for nucleus in owned:
+        polygon = nucleus_outline(labels, nucleus, job.window, job.scale, job.offset_xy)
+        if polygon is None:
+            continue
+        values = polygon_measurements(polygon, job.slide_mpp)
+        values[PROBABILITY_KEY] = round(nucleus.mean_probability, 4)
+        nuclei.append((nucleus.local_label, polygon, values))
+    return RegionNuclei(labels, nuclei, dropped)

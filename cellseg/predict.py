@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import queue
@@ -33,6 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -43,14 +45,9 @@ import numpy as np
 from . import __version__
 from .errors import CellsegError, SlideError
 from .geojson import OBJECT_TYPES, GeoJSONWriter
-from .instances import PostProcess, label_instances
+from .instances import PostProcess
 from .journal import Journal, NucleusRecord
-from .nuclei import (
-    nucleus_measurements,
-    nucleus_outline,
-    owned_nuclei,
-    probabilities_from_store,
-)
+from .nuclei import LABEL_KEY, RegionJob, RegionNuclei, extract_region
 from .overlay import draw_overlay, overlay_format
 from .readahead import ReadRequest, RegionReader, SlideSource
 from .slide import Slide, open_slide
@@ -104,6 +101,8 @@ class PredictOptions:
         tissue_mpp: resolution of that thumbnail.
         batch_size: tiles per model call.
         workers: reader processes (0: a reader thread); None: :func:`default_workers`.
+        label_workers: processes for instance extraction and polygons (0: the post-processing
+            thread does it); None: :func:`default_label_workers`.
         overlap_px: tile overlap at the model's mpp; None: 16 µm (:func:`overlap_for_mpp`).
         region_px: side of a read block / labelling region at the model's mpp.
         halo_um: context around a region for instance extraction (> 2 nucleus diameters).
@@ -123,6 +122,7 @@ class PredictOptions:
     tissue_mpp: float = 8.0
     batch_size: int = 16
     workers: int | None = None
+    label_workers: int | None = None
     overlap_px: int | None = None
     region_px: int = 2048
     halo_um: float = 32.0
@@ -392,7 +392,10 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
 class _PostProcessor:
     """Blends tile probabilities, writes them, and labels regions as soon as they are ready.
 
-    Runs in its own thread, fed in block raster order by :class:`_PostThread`.
+    Runs in its own thread, fed in block raster order by :class:`_PostThread`. Labelling (the
+    CPU-heavy watershed and polygon work, :func:`cellseg.nuclei.extract_region`) runs inline or
+    in ``label_workers`` processes; results are committed strictly in region order, which makes
+    the nucleus ids, the Zarr labels and the journal independent of timing.
     """
 
     def __init__(
@@ -403,8 +406,8 @@ class _PostProcessor:
         writer: GeoJSONWriter | None,
         active: np.ndarray,
         weights: np.ndarray,
+        label_workers: int,
         on_region: Callable[[int, int], None] | None,
-        started: float,
     ) -> None:
         self.plan = plan
         self.layout = plan.layout
@@ -412,15 +415,19 @@ class _PostProcessor:
         self.journal = journal
         self.writer = writer
         self.on_region = on_region
-        self.started = started
+        self.started = time.monotonic()
+        self.base_seconds = float(journal.counters.get("seconds", 0.0))
         self.stitcher = Stitcher(plan.layout, plan.num_classes, weights, active)
         self.done = np.zeros(plan.layout.n_blocks_yx, dtype=bool)
         self.regions = list(plan.layout.blocks())
-        self.next_region = journal.regions_done
+        self.next_region = journal.regions_done  # next region to submit
         counts = plan.block_tile_counts
-        self.region_has_tiles = {
-            r: any(counts[b] > 0 for b in plan.layout.neighbourhood(*r)) for r in self.regions
-        }
+        self.region_has_tiles = [
+            any(counts[b] > 0 for b in plan.layout.neighbourhood(*r)) for r in self.regions
+        ]
+        self.pool = _label_pool(label_workers)
+        self.max_in_flight = 2 * label_workers
+        self.in_flight: deque[tuple[tuple[int, int], Any]] = deque()
 
     def add_tiles(self, block: tuple[int, int], tiles: list, probs: np.ndarray) -> None:
         self.stitcher.add_tiles(block, tiles, probs)
@@ -429,60 +436,97 @@ class _PostProcessor:
         for cell in self.stitcher.finish_block(block):
             self.store.write_probabilities(cell.box, cell.probs)
         self.done[block] = True
-        self._label_ready_regions()
+        self._submit_ready_regions()
 
     def finish(self) -> None:
-        self._label_ready_regions()
-        if self.next_region != len(self.regions):
+        self._submit_ready_regions()
+        while self.in_flight:
+            self._commit_next()
+        if self.journal.regions_done != len(self.regions):
             raise RuntimeError(
-                f"{self.next_region} of {len(self.regions)} regions labelled at the end"
+                f"{self.journal.regions_done} of {len(self.regions)} regions labelled at the end"
             )
+        self.close()
 
-    def _label_ready_regions(self) -> None:
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def _submit_ready_regions(self) -> None:
         while self.next_region < len(self.regions):
             region = self.regions[self.next_region]
             if not all(self.done[b] for b in self.layout.neighbourhood(*region)):
-                return
-            self._label_region(region)
+                break
+            self.in_flight.append((region, self._submit(region, self.next_region)))
             self.next_region += 1
-            if self.on_region is not None:
-                self.on_region(self.next_region, len(self.regions))
+            while len(self.in_flight) > self.max_in_flight:
+                self._commit_next()
+        # Commit whatever already finished, without waiting.
+        while self.in_flight and _is_done(self.in_flight[0][1]):
+            self._commit_next()
 
-    def _label_region(self, region: tuple[int, int]) -> None:
+    def _submit(self, region: tuple[int, int], index: int):
+        """Starts labelling a region; returns a future, or the result itself when inline."""
+        if not self.region_has_tiles[index]:
+            return None
         plan, layout = self.plan, self.layout
-        window, core = layout.region_window(*region), layout.region_core(*region)
+        window = layout.region_window(*region)
+        job = RegionJob(
+            window=window,
+            core=layout.region_core(*region),
+            canvas_hw=(layout.height_px, layout.width_px),
+            model_mpp=plan.model_mpp,
+            params=plan.postprocess,
+            scale=plan.canvas.scale,
+            offset_xy=plan.qupath_offset_xy,
+            slide_mpp=plan.slide_mpp,
+        )
+        nucleus_u8, interior_u8 = self.store.read_probabilities(window)
+        if self.pool is None:
+            return extract_region(nucleus_u8, interior_u8, job)
+        return self.pool.submit(extract_region, nucleus_u8, interior_u8, job)
+
+    def _commit_next(self) -> None:
+        """Gives the oldest region's nuclei their ids and writes them everywhere, in order."""
+        region, pending = self.in_flight.popleft()
+        result: RegionNuclei | None = pending.result() if isinstance(pending, Future) else pending
         first_id = self.journal.next_id
         records: list[NucleusRecord] = []
         dropped = 0
-        if self.region_has_tiles[region]:
-            nucleus_u8, interior_u8 = self.store.read_probabilities(window)
-            probs = probabilities_from_store(nucleus_u8, interior_u8)
-            labels = label_instances(probs, plan.model_mpp, plan.postprocess)
-            canvas_hw = (layout.height_px, layout.width_px)
-            owned, dropped = owned_nuclei(labels, 1.0 - probs[0], window, core, canvas_hw)
-            ids = np.zeros(labels.shape, dtype=np.uint32)
-            for nucleus in owned:
-                record = self._record(labels, nucleus, window, first_id + len(records))
-                if record is not None:
-                    rows, cols = nucleus.slices
-                    ids[rows, cols][labels[rows, cols] == nucleus.local_label] = record.id
-                    records.append(record)
-            self.store.write_labels(window, ids, first_id)
+        if result is not None:
+            lut = np.zeros(int(result.labels.max()) + 1, dtype=np.uint32)
+            for offset, (local, polygon, measurements) in enumerate(result.nuclei):
+                label_id = first_id + offset
+                lut[local] = label_id
+                records.append(NucleusRecord(label_id, polygon, {**measurements, LABEL_KEY: label_id}))
+            self.store.write_labels(self.layout.region_window(*region), lut[result.labels], first_id)
+            dropped = result.dropped
         if self.writer is not None:
             for record in records:
                 self.writer.write(record.polygon, record.measurements)
         counters = dict(self.journal.counters)
         counters["dropped"] = counters.get("dropped", 0) + dropped
-        counters["seconds"] = self.journal.base_seconds + time.monotonic() - self.started
+        counters["seconds"] = self.base_seconds + time.monotonic() - self.started
         self.journal.record_region(records, first_id + len(records), counters)
+        if self.on_region is not None:
+            self.on_region(self.journal.regions_done, len(self.regions))
 
-    def _record(self, labels, nucleus, window, label_id: int) -> NucleusRecord | None:
-        plan = self.plan
-        polygon = nucleus_outline(labels, nucleus, window, plan.canvas.scale, plan.qupath_offset_xy)
-        if polygon is None:
-            return None
-        measurements = nucleus_measurements(polygon, nucleus, label_id, plan.slide_mpp)
-        return NucleusRecord(label_id, polygon, measurements)
+
+def _is_done(pending: Any) -> bool:
+    return not isinstance(pending, Future) or pending.done()
+
+
+def default_label_workers() -> int:
+    """Labelling processes: none on small machines (a thread does it), else up to 8."""
+    return max(0, min(8, ((os.cpu_count() or 2) - 2) // 2))
+
+
+def _label_pool(workers: int) -> ProcessPoolExecutor | None:
+    if workers <= 0:
+        return None
+    # spawn: the parent holds torch and threads, which must not be forked.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 class _PostThread:
@@ -625,3 +669,314 @@ class _Batcher:
         while self.remaining and self.remaining[0][1] == 0:
             block, _ = self.remaining.popleft()
             self.post.put(("finish_block", block))
+
+
+def _active_blocks(layout: TileLayout, regions_done: int) -> np.ndarray:
+    """Blocks that the regions not yet done depend on (all of them on a fresh run)."""
+    active = np.zeros(layout.n_blocks_yx, dtype=bool)
+    for index, region in enumerate(layout.blocks()):
+        if index >= regions_done:
+            for block in layout.neighbourhood(*region):
+                active[block] = True
+    return active
+
+
+def _run_pipeline(
+    plan: SlidePlan,
+    predictor: TilePredictor,
+    options: PredictOptions,
+    store: PredictionStore,
+    journal: Journal,
+    writer: GeoJSONWriter | None,
+    progress: bool,
+    on_region: Callable[[int, int], None] | None,
+) -> int:
+    """Reads, predicts and post-processes every block the unfinished regions need.
+
+    Returns:
+        Number of network tiles run.
+    """
+    from tqdm import tqdm
+
+    from .inference import blend_weights
+
+    layout = plan.layout
+    active = _active_blocks(layout, journal.regions_done)
+    jobs = _block_jobs(plan, active)
+    weights = blend_weights(layout.tile_px, layout.overlap_px)
+    label_workers = (
+        default_label_workers() if options.label_workers is None else options.label_workers
+    )
+    post = _PostProcessor(
+        plan, store, journal, writer, active, weights, label_workers, on_region
+    )
+    thread = _PostThread(post, maxsize=2 * QUEUE_BATCHES)
+    batcher = _Batcher(predictor, layout, options.batch_size, thread)
+    requests, origins = [], {}
+    for block, tiles in jobs:
+        if tiles:
+            origins[block], request = _read_request(plan, tiles)
+            requests.append((block, request))
+    bar = tqdm(
+        total=sum(len(tiles) for _, tiles in jobs),
+        desc=plan.slide_path.name,
+        unit="tile",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    batcher.on_batch = bar.update
+    workers = default_workers() if options.workers is None else options.workers
+    source = SlideSource(plan.slide_path, plan.backend, options.mpp)
+    finished = False
+    try:
+        with RegionReader(source, workers) as reader:
+            images = reader.read_ahead(requests)
+            for block, tiles in jobs:
+                image = None
+                if tiles:
+                    key, image = next(images)
+                    assert key == block, f"read-ahead out of order: {key} != {block}"
+                batcher.add_block(block, tiles, image, origins.get(block, (0, 0)))
+            batcher.flush()
+        thread.close()
+        finished = True
+    finally:
+        if not finished:
+            thread.abort()
+            post.close()
+        bar.close()
+    return batcher.tiles_run
+
+
+def _replace_dir(partial: Path, final: Path) -> None:
+    """Moves a finished folder into place (replacing an older one: ``--overwrite``)."""
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    os.replace(partial, final)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"cellseg": __version__, "python": platform.python_version()}
+    for package in ("numpy", "zarr", "shapely", "scikit-image", "openslide-python", "tiffslide"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        versions["torch"] = torch.__version__
+    return versions
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+@dataclass
+class _RunStats:
+    tiles_run: int = 0
+    session_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _summary(
+    plan: SlidePlan,
+    options: PredictOptions,
+    outputs: SlideOutputs,
+    journal: Journal,
+    stats: _RunStats,
+    predictor: TilePredictor,
+) -> dict[str, Any]:
+    tiles = int(plan.tile_mask.sum())
+    seconds = float(journal.counters.get("seconds", 0.0))
+    seconds = max(seconds, stats.session_seconds)
+    area = plan.tissue_area_mm2 if plan.tissue_area_mm2 is not None else plan.processed_area_mm2()
+    layout = plan.layout
+    return {
+        "slide": str(plan.slide_path),
+        "backend": plan.backend,
+        "slide_mpp": plan.slide_mpp,
+        "mpp_source": plan.mpp_source,
+        "mpp": plan.model_mpp,
+        "scale_to_level0": plan.canvas.scale,
+        "dimensions_xy": list(plan.dimensions_xy),
+        "bounds_xy": list(plan.bounds_xy),
+        "area_xywh_level0": list(plan.area_xywh),
+        "canvas_px_wh": [plan.canvas.width_px, plan.canvas.height_px],
+        "tissue_mask": options.tissue_mask,
+        "tissue_area_mm2": plan.tissue_area_mm2,
+        "processed_area_mm2": plan.processed_area_mm2(),
+        "tiles": tiles,
+        "tiles_skipped": int(plan.tile_mask.size) - tiles,
+        "tiles_run_this_session": stats.tiles_run,
+        "regions": len(list(layout.blocks())),
+        "nuclei": journal.next_id - 1,
+        "objects_dropped_larger_than_halo": int(journal.counters.get("dropped", 0)),
+        "seconds": round(seconds, 3),
+        "seconds_this_session": round(stats.session_seconds, 3),
+        "tiles_per_second": round(stats.tiles_run / stats.session_seconds, 2)
+        if stats.session_seconds > 0
+        else None,
+        "seconds_per_mm2": round(seconds / area, 3) if area else None,
+        "resumed": journal.resumed,
+        "peak_rss_mb": _peak_rss_mb(),
+        "tiling": {
+            "tile_px": layout.tile_px,
+            "overlap_px": layout.overlap_px,
+            "region_px": layout.block_px,
+            "halo_px": layout.halo_px,
+            "batch_size": options.batch_size,
+            "workers": default_workers() if options.workers is None else options.workers,
+        },
+        "model": {
+            "name": plan.model_name,
+            "sha256": plan.model_sha256,
+            "num_classes": plan.num_classes,
+            "device": str(getattr(predictor, "device", "unknown")),
+            "postprocess": plan.postprocess.to_dict(),
+        },
+        "versions": _versions(),
+        "outputs": {k: str(v) for k, v in asdict(outputs).items() if v is not None},
+    }
+
+
+def _open_store(plan: SlidePlan, outputs: SlideOutputs, journal: Journal) -> PredictionStore:
+    """The partial Zarr group: reopened when resuming, else created (restarting the journal
+    if its group went missing)."""
+    canvas_hw = (plan.layout.height_px, plan.layout.width_px)
+    if journal.resumed:
+        store = PredictionStore.open(outputs.zarr_partial, canvas_hw)
+        if store is not None:
+            return store
+        log.warning("%s: partial Zarr missing; starting this slide afresh", outputs.zarr_partial)
+        journal.restart()
+    return PredictionStore.create(
+        outputs.zarr_partial,
+        canvas_hw,
+        num_classes=plan.num_classes,
+        with_labels=outputs.zarr is not None,
+        attrs=zarr_attributes(plan),
+    )
+
+
+def _predict_planned(
+    slide: Slide,
+    plan: SlidePlan,
+    predictor: TilePredictor,
+    options: PredictOptions,
+    outputs: SlideOutputs,
+    journal: Journal,
+    progress: bool,
+    on_region: Callable[[int, int], None] | None,
+    started: float,
+) -> dict[str, Any]:
+    store = _open_store(plan, outputs, journal)
+    stats = _RunStats()
+    if outputs.geojson is not None:
+        with GeoJSONWriter(outputs.geojson, options.object_type) as writer:
+            for record in journal.nuclei():  # replay what an interrupted run committed
+                writer.write(record.polygon, record.measurements)
+            stats.tiles_run = _run_pipeline(
+                plan, predictor, options, store, journal, writer, progress, on_region
+            )
+    else:
+        stats.tiles_run = _run_pipeline(
+            plan, predictor, options, store, journal, None, progress, on_region
+        )
+    store.finish({"nuclei": journal.next_id - 1})
+    if outputs.zarr is not None:
+        _replace_dir(outputs.zarr_partial, outputs.zarr)
+    if outputs.overlay is not None:
+        outlines = (record.polygon for record in journal.nuclei())
+        draw_overlay(
+            slide, plan.area_xywh, outlines, outputs.overlay, max_px=options.overlay_max_px
+        )
+    stats.session_seconds = time.monotonic() - started
+    summary = _summary(plan, options, outputs, journal, stats, predictor)
+    if outputs.summary is not None:
+        _write_json(outputs.summary, summary)
+    return summary
+
+
+def predict_slide(
+    slide_path: str | Path,
+    predictor: TilePredictor,
+    outputs: SlideOutputs,
+    options: PredictOptions | None = None,
+    *,
+    progress: bool = False,
+    on_region: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Segments the nuclei of one slide and writes the requested outputs.
+
+    Resumes an interrupted run of the same slide, model and parameters from its journal (the
+    ``<first output>.cellseg-work`` folder). Outputs appear under their names only when complete.
+
+    Args:
+        slide_path: the slide (or a small plain image).
+        predictor: the model (``cellseg.inference.Predictor`` or any :class:`TilePredictor`).
+        outputs: where to write; at least one path.
+        options: reading, tiling and post-processing choices; defaults when None.
+        progress: show a tqdm progress bar on stderr.
+        on_region: called as ``on_region(done, total)`` after each region is committed (tests
+            use it to interrupt a run).
+
+    Returns:
+        The run summary (also written to ``outputs.summary``): mpp used and its source, tissue
+        area, tiles, nuclei, seconds, model and versions.
+
+    Raises:
+        CellsegError: an output exists (without ``overwrite``), the slide cannot be opened or
+            read, or its mpp is unknown. Nothing is left under the output names, and the
+            partial state is removed. Other exceptions (including KeyboardInterrupt) keep the
+            partial state so that the next run resumes.
+    """
+    options = options or PredictOptions()
+    slide_path = Path(slide_path)
+    if not outputs.paths():
+        raise ValueError("SlideOutputs: no output requested")
+    if outputs.overlay is not None:
+        overlay_format(outputs.overlay)
+    existing = outputs.existing()
+    if existing and not options.overwrite and not outputs.is_resumable():
+        raise CellsegError(f"{existing[0]}: already exists (pass --overwrite to replace it)")
+    started = time.monotonic()
+    with open_slide(slide_path, options.backend, options.mpp) as slide:
+        plan = plan_slide(slide, predictor, options)
+        for path in outputs.paths():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        journal = Journal.open(outputs.work_dir, _fingerprint(plan, options, outputs))
+        try:
+            summary = _predict_planned(
+                slide, plan, predictor, options, outputs, journal, progress, on_region, started
+            )
+        except CellsegError:
+            # A data error will fail again: leave nothing behind.
+            journal.remove()
+            shutil.rmtree(outputs.zarr_partial, ignore_errors=True)
+            raise
+        journal.remove()
+    return summary
+
+
+def iter_nuclei(outputs: SlideOutputs) -> Iterator[NucleusRecord]:
+    """Nuclei committed so far by an unfinished run (for inspection and tests)."""
+    journal = Journal(outputs.work_dir, {})
+    saved = journal._load()
+    if saved is None:
+        return iter(())
+    journal.nuclei_bytes = int(saved["nuclei_bytes"])
+    return journal.nuclei()

@@ -50,6 +50,7 @@ LEVEL_TOLERANCE = 0.01  # a level 1 % coarser than the target still counts as "n
 MAX_PLAIN_IMAGE_PIXELS = 20_000 * 20_000  # plain images are decoded whole into memory
 MAX_READ_PIXELS = 64 * 2**20  # level pixels per reader call when building a thumbnail
 MAX_THUMBNAIL_PIXELS = 100_000_000
+AREA_BLOCK_PX = 512  # output columns per block of the area-average resampler
 
 _APERIO_MPP = re.compile(r"(?:^|\|)\s*MPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?=\||$)")
 _TIFF_UNIT_UM = {
@@ -573,9 +574,8 @@ def _resample(
 ) -> np.ndarray:
     """Resample ``box`` (x0, y0, x1, y1; pixel i spans [i, i+1)) of ``window`` to ``size_px``.
 
-    Downsampling is exact area averaging (separable sparse weights, one channel at a time to
-    bound memory); upsampling is bilinear (Pillow, with the sub-pixel source box); a 1:1 step at
-    an integer offset is a plain crop.
+    Downsampling is exact area averaging (:func:`_area_average`); upsampling is bilinear
+    (Pillow, with the sub-pixel source box); a 1:1 step at an integer offset is a plain crop.
     """
     (x0, y0), (width, height) = box[:2], size_px
     if abs(step - 1) < 1e-9 and abs(x0 - round(x0)) < 1e-6 and abs(y0 - round(y0)) < 1e-6:
@@ -585,13 +585,30 @@ def _resample(
         image = Image.fromarray(np.ascontiguousarray(window))
         resized = image.resize(size_px, resample=Image.Resampling.BILINEAR, box=box)
         return np.array(resized)  # a writeable copy
+    return _area_average(window, size_px, (x0, y0), step)
+
+
+def _area_average(
+    window: np.ndarray, size_px: tuple[int, int], start_xy: tuple[float, float], step: float
+) -> np.ndarray:
+    """Exact area-average downsampling of ``window`` (``H×W×3`` uint8), see _area_weights.
+
+    Rows are reduced first (one sparse product for all channels), then columns; the work goes
+    in blocks of ``AREA_BLOCK_PX`` output columns so the float32 copy stays small.
+    """
+    (width, height), (x0, y0) = size_px, start_xy
     rows = _area_weights(height, y0, step, window.shape[0])
-    cols = _area_weights(width, x0, step, window.shape[1])
     out = np.empty((height, width, 3), dtype=np.uint8)
-    for channel in range(3):
-        plane = rows @ window[..., channel].astype(np.float32)  # height × window width
-        averaged = (cols @ plane.T).T  # sparse @ dense on both axes
-        out[..., channel] = np.clip(np.rint(averaged), 0, 255)
+    for j0 in range(0, width, AREA_BLOCK_PX):
+        j1 = min(j0 + AREA_BLOCK_PX, width)
+        a = math.floor(x0 + j0 * step)
+        b = min(math.ceil(x0 + j1 * step), window.shape[1])
+        cols = _area_weights(j1 - j0, x0 + j0 * step - a, step, b - a)
+        block = window[:, a:b].astype(np.float32).reshape(window.shape[0], -1)
+        reduced = rows @ block  # height × (b - a)·3
+        reduced = reduced.reshape(height, b - a, 3).transpose(1, 0, 2).reshape(b - a, -1)
+        averaged = (cols @ reduced).reshape(j1 - j0, height, 3).transpose(1, 0, 2)
+        out[:, j0:j1] = np.clip(np.rint(averaged), 0, 255)
     return out
 
 

@@ -2,11 +2,12 @@
 
 Stained tissue is coloured and glass is grey-white, so the HSV saturation separates them better
 than brightness does (pale eosin stroma is almost as bright as glass but clearly pink). The
-threshold is Otsu's (scikit-image) on the smoothed saturation, clamped to a fixed band: on a
-thumbnail that is all glass Otsu only splits sensor noise (it lands below the band), and on one
-that is all tissue it splits haematoxylin from eosin (it lands above the band); in both cases the
-clamp turns it into a fixed saturation threshold. This is the CLAM/HistomicsTK recipe (saturation
-threshold, then morphology) with Otsu kept for stains that are paler or stronger than usual.
+threshold is Otsu's (scikit-image) on the saturation of the smoothed thumbnail, kept only when
+it separates two real populations and clamped to a band: on a thumbnail that is all glass Otsu
+merely splits sensor noise (one population: a fixed threshold is used instead), and on one that
+is all tissue it splits haematoxylin from eosin (it lands above the band and is clamped down).
+This is the CLAM/HistomicsTK recipe (saturation threshold, then morphology) with Otsu kept for
+stains that are paler or stronger than usual.
 """
 
 from __future__ import annotations
@@ -15,16 +16,34 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import color, filters, morphology
 
-SATURATION_BAND = (0.04, 0.12)  # clamp for Otsu's threshold; glass is < 0.03, pale eosin > 0.12
+SATURATION_BAND = (0.04, 0.10)  # clamp for Otsu: glass stays below 0.04, pale stroma above 0.10
+FALLBACK_SATURATION = 0.07  # used when Otsu splits a single population (all glass, one stain)
+MIN_OTSU_EFFECTIVENESS = 0.8  # σ²_between / σ²_total; a unimodal Gaussian gives 2/π ≈ 0.64
 SMOOTHING_SIGMA_PX = 1.0
 
 
+def _otsu_effectiveness(values: np.ndarray, threshold: float) -> float:
+    """Otsu's separability measure η = σ²_between / σ²_total of the split at ``threshold``."""
+    upper = values > threshold
+    fraction = np.count_nonzero(upper) / values.size
+    if fraction in (0.0, 1.0):
+        return 0.0
+    between = fraction * (1 - fraction) * (values[upper].mean() - values[~upper].mean()) ** 2
+    return float(between / values.var())
+
+
 def tissue_threshold(saturation: np.ndarray, band: tuple[float, float] = SATURATION_BAND) -> float:
-    """Otsu's threshold of ``saturation`` (values in [0, 1]) clamped to ``band``."""
-    low, high = band
+    """Saturation threshold separating tissue (above) from glass (below), values in [0, 1].
+
+    Otsu's threshold when it splits two distinct populations (effectiveness η ≥
+    ``MIN_OTSU_EFFECTIVENESS``), clamped to ``band``; otherwise ``FALLBACK_SATURATION``.
+    """
     if np.ptp(saturation) == 0:  # a constant image has no Otsu threshold
-        return low
-    return float(np.clip(filters.threshold_otsu(saturation), low, high))
+        return FALLBACK_SATURATION
+    threshold = float(filters.threshold_otsu(saturation))
+    if _otsu_effectiveness(saturation, threshold) < MIN_OTSU_EFFECTIVENESS:
+        return FALLBACK_SATURATION
+    return float(np.clip(threshold, *band))
 
 
 def tissue_mask(
@@ -36,7 +55,8 @@ def tissue_mask(
 ) -> np.ndarray:
     """Boolean ``H×W`` tissue mask of an ``H×W×3`` uint8 RGB thumbnail (typically 4-16 µm/px).
 
-    Steps: saturation (HSV) smoothed with a Gaussian (σ = 1 px) against JPEG noise; threshold
+    Steps: Gaussian smoothing of the RGB (σ = 1 px) so sensor and JPEG noise do not inflate the
+    saturation (max − min is biased upwards by noise); HSV saturation; threshold
     (:func:`tissue_threshold`); morphological closing (disk of ``closing_radius_px``) to join
     fragmented stroma and opening (disk of 1 px) to drop dust; holes filled (lumens and fat inside
     tissue still get segmented, which is cheaper than missing nuclei at their rims); connected
@@ -44,8 +64,10 @@ def tissue_mask(
     """
     if thumbnail_rgb.ndim != 3 or thumbnail_rgb.shape[2] != 3:
         raise ValueError(f"expected an H×W×3 RGB thumbnail, got shape {thumbnail_rgb.shape}")
-    saturation = color.rgb2hsv(thumbnail_rgb)[..., 1]
-    saturation = ndi.gaussian_filter(saturation, SMOOTHING_SIGMA_PX)
+    rgb = ndi.gaussian_filter(
+        thumbnail_rgb.astype(np.float32) / 255, (SMOOTHING_SIGMA_PX,) * 2 + (0,)
+    )
+    saturation = color.rgb2hsv(np.clip(rgb, 0, 1))[..., 1]
     mask = saturation > tissue_threshold(saturation, band)
     if closing_radius_px > 0:
         mask = morphology.closing(mask, morphology.disk(closing_radius_px))

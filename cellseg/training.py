@@ -27,6 +27,7 @@ from . import __version__
 from .causal import CIMConfig, SampleWeighting, weight_spread
 from .checkpoint import save_bundle
 from .data import (
+    UCTRANSNET_VAL_IDS,
     PaperDataset,
     Sample,
     WsiDataset,
@@ -109,12 +110,14 @@ def resolve_training_folder(data: Path) -> tuple[Path, Path | None]:
 def split_train_val(
     samples: list[Sample], val_ids_file: Path | None, seed: int
 ) -> tuple[list[Sample], list[Sample]]:
-    """The UCTransNet 24/6 split from ``val_ids.txt``; without it a seeded 20 % hold-out."""
+    """The UCTransNet 24/6 split (``val_ids.txt`` or built-in ids), else a seeded 20 % hold-out."""
     if val_ids_file is not None:
         val_ids = set(read_ids(val_ids_file))
         unknown = val_ids - {s.image_id for s in samples}
         if unknown:
             raise DataError(f"{val_ids_file}: ids not in the training folder: {sorted(unknown)}")
+    elif set(UCTRANSNET_VAL_IDS) <= {s.image_id for s in samples}:
+        val_ids = set(UCTRANSNET_VAL_IDS)  # official download layouts carry no val_ids.txt
     else:
         rng = np.random.default_rng(seed)
         ids = sorted(s.image_id for s in samples)

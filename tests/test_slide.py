@@ -224,15 +224,37 @@ def test_read_between_levels_is_an_area_average(
     assert error.max() <= 6
 
 
-def test_fractional_origin_at_a_coarse_level_stays_aligned(
+def test_fractional_factor_is_an_exact_area_average(
     pyramid_slide: Path, synthetic_image: np.ndarray
 ) -> None:
-    # origin 13 is not a multiple of the level-1 downsample: the output grid must still start at
-    # level-0 x = 13, not at the level pixel boundary 12.
+    # 0.625 µm/px = 2.5 level-0 px per output pixel. Brute force: repeat every level-0 pixel
+    # 2×2 (each copy a quarter pixel), then output pixel = mean of a 5×5 block of copies.
+    with open_slide(pyramid_slide, backend="image") as slide:
+        region = slide.read_region_at_mpp((10, 20), (40, 30), 0.625).astype(np.float64)
+    crop = synthetic_image[20 : 20 + 75, 10 : 10 + 100]
+    expected = _block_mean(crop.repeat(2, axis=0).repeat(2, axis=1), 5)
+    assert np.abs(region - expected).max() <= 0.5 + 1e-6
+
+
+def test_area_weights_by_hand() -> None:
+    # Output pixels [0.5, 2) and [2, 3.5) of a 4-pixel row, 1.5 source pixels each.
+    weights = slide_module._area_weights(2, 0.5, 1.5, 4).toarray()
+    np.testing.assert_allclose(weights, [[1 / 3, 2 / 3, 0, 0], [0, 0, 2 / 3, 1 / 3]], rtol=1e-6)
+
+
+def test_fractional_origin_at_a_coarse_level_stays_aligned(
+    pyramid_slide: Path, levels: list[np.ndarray]
+) -> None:
+    # Level-0 origin (13, 7) is level-1 (6.5, 3.5): each 0.5 µm/px output pixel is then exactly
+    # the mean of a 2×2 group of level-1 pixels starting half a pixel in, not a level-1 pixel.
     with open_slide(pyramid_slide) as slide:
-        region = slide.read_region_at_mpp((13, 7), (64, 64), 0.5).astype(np.float64)
-    expected = _block_mean(synthetic_image[7 : 7 + 128, 13 : 13 + 128], 2)
-    assert np.abs(region - expected).mean() < 1.0
+        region = slide.read_region_at_mpp((13, 7), (64, 48), 0.5).astype(np.float64)
+    level1 = levels[1].astype(np.float64)
+    pairs = (level1[3:52] + level1[4:53]) / 2
+    expected = (pairs[:, 6:70] + pairs[:, 7:71]) / 2
+    assert np.abs(region - expected[:48]).max() <= 0.5 + 1e-6
+    misaligned = level1[3:51, 6:70]  # what reading from the level-pixel boundary would give
+    assert np.abs(region - misaligned).mean() > 0.5
 
 
 def test_upsampling_finer_than_level0(pyramid_slide: Path, synthetic_image: np.ndarray) -> None:
