@@ -39,7 +39,6 @@ from typing import IO, Any
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
-from shapely.geometry.polygon import orient
 from skimage import measure
 
 log = logging.getLogger(__name__)
@@ -67,35 +66,52 @@ def _largest_polygon(geometry: Any) -> Polygon | None:
     return max(parts, key=lambda p: p.area, default=None)
 
 
+def _signed_area(ring_xy: np.ndarray) -> float:
+    """Shoelace area of a closed ring (first point repeated last); > 0 when counter-clockwise."""
+    x, y = ring_xy[:, 0], ring_xy[:, 1]
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+
+
+def _grid_polygon(ring_xy: np.ndarray) -> Polygon | None:
+    """Polygon from a closed ring rounded to the 0.01 grid, or None if it is not valid there.
+
+    Collinear and repeated vertices are dropped (marching squares emits one vertex per pixel
+    edge), exactly, by integer cross products on the grid; the ring is made counter-clockwise
+    (RFC 7946). A valid polygon whose vertices are on the grid is left unchanged by QuPath's
+    precision reduction.
+    """
+    grid = np.rint(np.asarray(ring_xy[:-1], dtype=np.float64) / GRID_PX).astype(np.int64)
+    before, after = np.roll(grid, 1, axis=0), np.roll(grid, -1, axis=0)
+    incoming, outgoing = grid - before, after - grid
+    turns = incoming[:, 0] * outgoing[:, 1] - incoming[:, 1] * outgoing[:, 0]
+    grid = grid[turns != 0]
+    if len(grid) < 3:
+        return None
+    ring = np.round(np.vstack([grid, grid[:1]]) * GRID_PX, DECIMALS) + 0.0  # -0.0 -> 0.0
+    if _signed_area(ring) < 0:
+        ring = ring[::-1]
+    polygon = Polygon(ring)
+    return polygon if polygon.is_valid and polygon.area > 0 else None
+
+
 def snap_polygon(geometry: Polygon | MultiPolygon) -> Polygon | None:
     """A valid hole-free Polygon on the 0.01 px grid, or None when nothing with area remains.
 
-    ``make_valid`` repairs self-intersections, the largest part is kept, holes are dropped,
-    coordinates are snapped with GEOS's precision reducer (which keeps the result valid),
-    collinear vertices are dropped, the exterior is oriented counter-clockwise (RFC 7946) and rounded to 2 decimals. The result is
-    checked again: valid, at least 4 ring points, positive area, unchanged by another snap.
+    The exterior is rounded to 2 decimals (:func:`_grid_polygon`); only when that is not valid
+    (self-intersections in the input, or vertices merged by the rounding) is the geometry
+    repaired the slow way: ``make_valid``, largest part, holes dropped, GEOS's precision
+    reducer (which keeps the result valid), then rounded again.
     """
-    part = _largest_polygon(geometry if geometry.is_valid else shapely.make_valid(geometry))
+    part = _largest_polygon(geometry)
+    if part is not None:
+        polygon = _grid_polygon(np.asarray(part.exterior.coords))
+        if polygon is not None:
+            return polygon
+    part = _largest_polygon(shapely.make_valid(geometry))
     if part is None:
         return None
     snapped = _largest_polygon(shapely.set_precision(Polygon(part.exterior), GRID_PX))
-    if snapped is None:
-        return None
-    # simplify(0) only drops collinear vertices (marching squares emits one per pixel edge).
-    exterior = Polygon(snapped.exterior).simplify(0.0, preserve_topology=True)
-    ring = np.asarray(orient(exterior, sign=1.0).exterior.coords)
-    result = Polygon(np.round(ring, DECIMALS) + 0.0)  # + 0.0 turns -0.0 into 0.0
-    if len(result.exterior.coords) < 4 or not result.is_valid or result.area <= 0:
-        return None
-    if not shapely.set_precision(result, GRID_PX).equals(result):
-        return None
-    return result
-
-
-def _ring_area(contour_rc: np.ndarray) -> float:
-    """Unsigned shoelace area of a closed (row, col) contour."""
-    rows, cols = contour_rc[:, 0], contour_rc[:, 1]
-    return 0.5 * abs(float(np.dot(cols, np.roll(rows, 1)) - np.dot(rows, np.roll(cols, 1))))
+    return None if snapped is None else _grid_polygon(np.asarray(snapped.exterior.coords))
 
 
 def mask_polygon(
@@ -106,33 +122,40 @@ def mask_polygon(
 ) -> Polygon | None:
     """Outline of ONE instance in level-0 (QuPath) pixel coordinates, or None if degenerate.
 
+    ``x0 = (x + origin_x) · scale − offset_x`` (likewise y), x being the mask's continuous
+    coordinate (pixel c spans [c, c+1)).
+
     Args:
         mask: ``h×w`` bool, True on the nucleus (typically a crop around it).
         origin_xy: (x, y) of the mask's top-left pixel in the raster it was cut from (e.g. the
             model-resolution label image), in that raster's pixels.
         scale: level-0 pixels per raster pixel (``model_mpp / slide_mpp``).
         offset_xy: subtracted after scaling, in level-0 pixels: OpenSlide's bounds (x, y) so the
-            result is in QuPath's frame, plus the raster's own level-0 origin if it is not 0.
+            result is in QuPath's frame; for a raster whose pixel (0, 0) starts at level-0
+            (rx, ry) rather than (0, 0), pass ``(bounds_x - rx, bounds_y - ry)``.
 
     Returns:
-        The outer contour of the largest connected part (holes filled), snapped to the 0.01 px
-        grid by :func:`snap_polygon`; None for an empty mask or when nothing with area survives.
+        The outer contour of the largest connected part (holes filled), on the 0.01 px grid
+        (:func:`snap_polygon`); None for an empty mask or when nothing with area survives.
     """
     if mask.ndim != 2:
         raise ValueError(f"expected an h×w mask, got shape {mask.shape}")
     if not mask.any():
         return None
-    # One pixel of zero padding closes contours of nuclei that touch the crop edge.
-    padded = np.pad(mask.astype(np.float32), 1)
+    # One pixel of zero padding closes the contours of nuclei that touch the crop edge.
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=np.float32)
+    padded[1:-1, 1:-1] = mask
     contours = measure.find_contours(padded, 0.5)
-    outer = max(contours, key=_ring_area)
+    outer = contours[0] if len(contours) == 1 else max(contours, key=lambda c: abs(_signed_area(c)))
     # find_contours puts pixel centres at integer (row, col) of the padded array; the centre of
     # unpadded pixel c lies at c + 0.5 in the corner convention, i.e. x = col_padded - 1 + 0.5.
     xy = outer[:, ::-1] - 0.5
     xy = (xy + np.asarray(origin_xy, dtype=np.float64)) * scale - np.asarray(offset_xy)
     if len(xy) < 4:
         return None
-    return snap_polygon(Polygon(xy))
+    # Fast path (almost always taken): the rounded contour is already valid.
+    polygon = _grid_polygon(xy)
+    return polygon if polygon is not None else snap_polygon(Polygon(xy))
 
 
 def polygon_measurements(polygon_level0: Polygon, level0_mpp: float) -> dict[str, float]:
@@ -158,6 +181,10 @@ def _measurement_value(value: float) -> float | str:
 
 def _polygon_json(polygon: Polygon) -> dict[str, Any]:
     """GeoJSON Polygon with closed rings rounded to 2 decimals; raises on invalid output."""
+    if not isinstance(polygon, Polygon):
+        raise TypeError(
+            f"expected a shapely Polygon (one per nucleus), got {type(polygon).__name__}"
+        )
     rings = [np.round(np.asarray(r.coords), DECIMALS) + 0.0 for r in polygon.interiors]
     rings.insert(0, np.round(np.asarray(polygon.exterior.coords), DECIMALS) + 0.0)
     rounded = Polygon(rings[0], rings[1:])
@@ -258,17 +285,25 @@ class GeoJSONWriter:
         return feature_id
 
     def close(self) -> None:
-        """Finish the collection and rename ``<path>.partial`` to ``path``."""
+        """Finish the collection and rename ``<path>.partial`` to ``path``.
+
+        If finishing fails (e.g. the disk is full) the partial file is removed and the error
+        propagates; ``path`` is never left incomplete.
+        """
         if self._text is None or self._raw is None:
             return
-        self._text.write("\n]}\n")
-        self._text.flush()
-        stream = self._text.detach()
-        if stream is not self._raw:
-            stream.close()  # the gzip trailer; GzipFile leaves a caller's fileobj open
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
+        try:
+            self._text.write("\n]}\n")
+            self._text.flush()
+            stream = self._text.detach()
+            if stream is not self._raw:
+                stream.close()  # writes the gzip trailer; GzipFile leaves our fileobj open
+            self._raw.flush()
+            os.fsync(self._raw.fileno())  # the rename must not publish unwritten data
+            self._raw.close()
+        except BaseException:
+            self.abort()
+            raise
         self._text = self._raw = None
         os.replace(self.partial_path, self.path)
         log.info("wrote %d features to %s", self.features_written, self.path)
@@ -279,7 +314,7 @@ class GeoJSONWriter:
             if stream is not None:
                 try:
                     stream.close()
-                except OSError:
+                except (OSError, ValueError):  # ValueError: already detached or closed
                     log.debug("ignored error closing %s", self.partial_path, exc_info=True)
         self._text = self._raw = None
         self.partial_path.unlink(missing_ok=True)

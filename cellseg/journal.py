@@ -9,8 +9,8 @@ same inputs and parameters (its *fingerprint*) continues from there and ends wit
 nuclei, ids included, as an uninterrupted run.
 
 Layout of the work folder: ``progress.json`` (fingerprint, ``regions_done``, ``next_id``,
-``nuclei_bytes`` and running ``counters`` such as seconds spent) and ``nuclei.jsonl`` (one nucleus per line:
-``{"id", "rings", "measurements"}``, rings in QuPath level-0 pixels).
+``nuclei_bytes`` and running ``counters`` such as seconds spent) and ``nuclei.jsonl`` (one
+nucleus per line: ``{"id", "rings", "measurements"}``, rings in QuPath level-0 pixels).
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class Journal:
 
     def __init__(self, work_dir: Path, fingerprint: dict[str, Any]) -> None:
         self.work_dir = Path(work_dir)
-        self.fingerprint = fingerprint
+        # Compared with the saved copy, so give it the shape JSON gives it (tuples -> lists).
+        self.fingerprint = json.loads(json.dumps(fingerprint))
         self.regions_done = 0
         self.next_id = 1
         self.nuclei_bytes = 0
@@ -94,7 +95,7 @@ class Journal:
         """
         journal = cls(work_dir, fingerprint)
         saved = journal._load()
-        if saved is not None and saved.get("fingerprint") != fingerprint:
+        if saved is not None and saved.get("fingerprint") != journal.fingerprint:
             log.warning("%s: parameters or inputs changed; starting this slide afresh", work_dir)
             saved = None
         if saved is None:

@@ -148,8 +148,6 @@ def nucleus_outline(
     return mask_polygon(mask, origin_xy, scale, offset_xy)
 
 
-
-
 @dataclass
 class RegionNuclei:
     """What labelling one region produced (picklable, returned by worker processes).

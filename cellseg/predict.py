@@ -1,44 +1,34 @@
-"""Whole-slide prediction: slide -> network tiles -> blended probabilities -> nuclei -> files.
+"""Whole-slide prediction of one slide: planning, outputs, resume, summary.
 
-The pipeline (issue 3; overlap of stages for issue 5, PEERS.md §3 and §5) has three concurrent
-stages connected by bounded queues, so reading, the model and post-processing overlap and none of
-them holds more than a few blocks:
+:func:`predict_slide` is the library entry point behind ``cellseg predict`` (and the
+benchmarks). It opens the slide, decides the canvas at the model's mpp, the tiles and which of
+them touch tissue (:func:`plan_slide`), opens or resumes the slide's journal and partial Zarr,
+runs the concurrent stages of :mod:`cellseg.pipeline`, and finally moves every output to its
+name: GeoJSON for QuPath, Zarr v3 (``probability``, ``labels``), overlay picture, JSON summary.
 
-1. **read-ahead** (:mod:`cellseg.readahead`): worker processes read whole blocks (about
-   2000 px at the model's mpp, one reader call each) of the tissue tiles, ahead of use;
-2. **inference** (the calling thread): 224 px tiles are cut from the blocks in memory and run
-   through the predictor in batches;
-3. **post-processing** (one thread): tile probabilities are blended into final cells
-   (:mod:`cellseg.stitch`) and written to Zarr (:mod:`cellseg.store`); each region, once its
-   3×3 block neighbourhood is done, is labelled on core + halo, keeps the nuclei it owns
-   (:mod:`cellseg.nuclei`), writes their ids into ``labels``, streams their polygons to the
-   GeoJSON and commits them to the resume journal (:mod:`cellseg.journal`).
-
-A run that is killed resumes from the journal: regions are labelled in raster order, so the
-completed ones are a prefix, and only the blocks that unfinished regions depend on are read and
-run again. Outputs appear under their final names only when complete.
+A run that is killed resumes from its journal (:mod:`cellseg.journal`): regions are committed in
+raster order, so the completed ones are a prefix, and only the blocks that unfinished regions
+depend on are read and run again. Outputs appear under their final names only when complete;
+an expected failure (unreadable slide, unknown mpp) leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import math
-import multiprocessing
 import os
 import platform
-import queue
 import shutil
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -46,45 +36,24 @@ from . import __version__
 from .errors import CellsegError, SlideError
 from .geojson import OBJECT_TYPES, GeoJSONWriter
 from .instances import PostProcess
-from .journal import Journal, NucleusRecord
-from .nuclei import LABEL_KEY, RegionJob, RegionNuclei, extract_region
+from .journal import Journal
 from .overlay import draw_overlay, overlay_format
-from .readahead import ReadRequest, RegionReader, SlideSource
-from .slide import Slide, open_slide
-from .stitch import Stitcher
-from .store import PredictionStore
-from .tiling import (
-    Canvas,
-    TileLayout,
-    overlap_for_mpp,
-    tiles_per_block_for,
-    tissue_tiles,
+from .pipeline import (
+    PipelineSettings,
+    SlidePlan,
+    TilePredictor,
+    default_label_workers,
+    default_workers,
+    run_pipeline,
 )
+from .slide import Slide, open_slide
+from .store import PredictionStore
+from .tiling import Canvas, TileLayout, overlap_for_mpp, tiles_per_block_for, tissue_tiles
 from .tissue import tissue_area_mm2, tissue_mask
 
 log = logging.getLogger(__name__)
 
 ZARR_FORMAT_VERSION = 1
-QUEUE_BATCHES = 4  # probability batches waiting for post-processing at most
-
-
-class TilePredictor(Protocol):
-    """What the pipeline needs from a model (``cellseg.inference.Predictor`` or a test oracle).
-
-    ``predictor(tiles)`` maps ``N×tile_px×tile_px×3`` uint8 RGB tiles to ``N×C×tile_px×tile_px``
-    float32 softmax probabilities (channel 0 background).
-    """
-
-    mpp: float
-    tile_px: int
-    num_classes: int
-
-    def __call__(self, tiles: np.ndarray) -> np.ndarray: ...
-
-
-def default_workers() -> int:
-    """Reader processes: half the CPU cores (the model and post-processing need the rest), 1-4."""
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 @dataclass
@@ -196,49 +165,9 @@ class SlideOutputs:
 # ------------------------------------------------------------------------------------- planning
 
 
-@dataclass
-class SlidePlan:
-    """Everything decided about a slide before any tile is run."""
-
-    slide_path: Path
-    slide_mpp: float
-    mpp_source: str
-    backend: str
-    dimensions_xy: tuple[int, int]
-    bounds_xy: tuple[int, int, int, int]
-    area_xywh: tuple[int, int, int, int]
-    model_mpp: float
-    canvas: Canvas
-    layout: TileLayout
-    tile_mask: np.ndarray  # n_tiles_y × n_tiles_x bool
-    tissue_area_mm2: float | None
-    num_classes: int
-    postprocess: PostProcess
-    model_name: str
-    model_sha256: str | None
-
-    @property
-    def block_tile_counts(self) -> np.ndarray:
-        """``n_blocks_y×n_blocks_x`` number of tissue tiles per block."""
-        k = self.layout.tiles_per_block
-        ny, nx = self.layout.n_blocks_yx
-        padded = np.zeros((ny * k, nx * k), dtype=np.int64)
-        padded[: self.tile_mask.shape[0], : self.tile_mask.shape[1]] = self.tile_mask
-        return padded.reshape(ny, k, nx, k).sum(axis=(1, 3))
-
-    @property
-    def qupath_offset_xy(self) -> tuple[float, float]:
-        """Subtract from scaled canvas coordinates to get QuPath level-0 coordinates."""
-        return (
-            self.bounds_xy[0] - self.canvas.origin_xy[0],
-            self.bounds_xy[1] - self.canvas.origin_xy[1],
-        )
-
-    def processed_area_mm2(self) -> float:
-        return self.area_xywh[2] * self.area_xywh[3] * (self.slide_mpp / 1000.0) ** 2
-
-
-def processing_area(slide: Slide, roi_xywh: tuple[int, int, int, int] | None):
+def processing_area(
+    slide: Slide, roi_xywh: tuple[int, int, int, int] | None
+) -> tuple[int, int, int, int]:
     """Level-0 ``(x, y, w, h)`` to process: the ROI (given in QuPath's frame) or the bounds."""
     bx, by, bw, bh = slide.bounds_xy
     if roi_xywh is None:
@@ -291,7 +220,9 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
     canvas = Canvas.from_area(area, slide.mpp, model_mpp)
     tile_px = int(predictor.tile_px)
     overlap = (
-        options.overlap_px if options.overlap_px is not None else overlap_for_mpp(model_mpp, tile_px)
+        options.overlap_px
+        if options.overlap_px is not None
+        else overlap_for_mpp(model_mpp, tile_px)
     )
     per_block = tiles_per_block_for(options.region_px, tile_px, overlap)
     block_px = per_block * (tile_px - overlap)
@@ -386,369 +317,6 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------ post-processing
-
-
-class _PostProcessor:
-    """Blends tile probabilities, writes them, and labels regions as soon as they are ready.
-
-    Runs in its own thread, fed in block raster order by :class:`_PostThread`. Labelling (the
-    CPU-heavy watershed and polygon work, :func:`cellseg.nuclei.extract_region`) runs inline or
-    in ``label_workers`` processes; results are committed strictly in region order, which makes
-    the nucleus ids, the Zarr labels and the journal independent of timing.
-    """
-
-    def __init__(
-        self,
-        plan: SlidePlan,
-        store: PredictionStore,
-        journal: Journal,
-        writer: GeoJSONWriter | None,
-        active: np.ndarray,
-        weights: np.ndarray,
-        label_workers: int,
-        on_region: Callable[[int, int], None] | None,
-    ) -> None:
-        self.plan = plan
-        self.layout = plan.layout
-        self.store = store
-        self.journal = journal
-        self.writer = writer
-        self.on_region = on_region
-        self.started = time.monotonic()
-        self.base_seconds = float(journal.counters.get("seconds", 0.0))
-        self.stitcher = Stitcher(plan.layout, plan.num_classes, weights, active)
-        self.done = np.zeros(plan.layout.n_blocks_yx, dtype=bool)
-        self.regions = list(plan.layout.blocks())
-        self.next_region = journal.regions_done  # next region to submit
-        counts = plan.block_tile_counts
-        self.region_has_tiles = [
-            any(counts[b] > 0 for b in plan.layout.neighbourhood(*r)) for r in self.regions
-        ]
-        self.pool = _label_pool(label_workers)
-        self.max_in_flight = 2 * label_workers
-        self.in_flight: deque[tuple[tuple[int, int], Any]] = deque()
-
-    def add_tiles(self, block: tuple[int, int], tiles: list, probs: np.ndarray) -> None:
-        self.stitcher.add_tiles(block, tiles, probs)
-
-    def finish_block(self, block: tuple[int, int]) -> None:
-        for cell in self.stitcher.finish_block(block):
-            self.store.write_probabilities(cell.box, cell.probs)
-        self.done[block] = True
-        self._submit_ready_regions()
-
-    def finish(self) -> None:
-        self._submit_ready_regions()
-        while self.in_flight:
-            self._commit_next()
-        if self.journal.regions_done != len(self.regions):
-            raise RuntimeError(
-                f"{self.journal.regions_done} of {len(self.regions)} regions labelled at the end"
-            )
-        self.close()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
-
-    def _submit_ready_regions(self) -> None:
-        while self.next_region < len(self.regions):
-            region = self.regions[self.next_region]
-            if not all(self.done[b] for b in self.layout.neighbourhood(*region)):
-                break
-            self.in_flight.append((region, self._submit(region, self.next_region)))
-            self.next_region += 1
-            while len(self.in_flight) > self.max_in_flight:
-                self._commit_next()
-        # Commit whatever already finished, without waiting.
-        while self.in_flight and _is_done(self.in_flight[0][1]):
-            self._commit_next()
-
-    def _submit(self, region: tuple[int, int], index: int):
-        """Starts labelling a region; returns a future, or the result itself when inline."""
-        if not self.region_has_tiles[index]:
-            return None
-        plan, layout = self.plan, self.layout
-        window = layout.region_window(*region)
-        job = RegionJob(
-            window=window,
-            core=layout.region_core(*region),
-            canvas_hw=(layout.height_px, layout.width_px),
-            model_mpp=plan.model_mpp,
-            params=plan.postprocess,
-            scale=plan.canvas.scale,
-            offset_xy=plan.qupath_offset_xy,
-            slide_mpp=plan.slide_mpp,
-        )
-        nucleus_u8, interior_u8 = self.store.read_probabilities(window)
-        if self.pool is None:
-            return extract_region(nucleus_u8, interior_u8, job)
-        return self.pool.submit(extract_region, nucleus_u8, interior_u8, job)
-
-    def _commit_next(self) -> None:
-        """Gives the oldest region's nuclei their ids and writes them everywhere, in order."""
-        region, pending = self.in_flight.popleft()
-        result: RegionNuclei | None = pending.result() if isinstance(pending, Future) else pending
-        first_id = self.journal.next_id
-        records: list[NucleusRecord] = []
-        dropped = 0
-        if result is not None:
-            lut = np.zeros(int(result.labels.max()) + 1, dtype=np.uint32)
-            for offset, (local, polygon, measurements) in enumerate(result.nuclei):
-                label_id = first_id + offset
-                lut[local] = label_id
-                records.append(NucleusRecord(label_id, polygon, {**measurements, LABEL_KEY: label_id}))
-            self.store.write_labels(self.layout.region_window(*region), lut[result.labels], first_id)
-            dropped = result.dropped
-        if self.writer is not None:
-            for record in records:
-                self.writer.write(record.polygon, record.measurements)
-        counters = dict(self.journal.counters)
-        counters["dropped"] = counters.get("dropped", 0) + dropped
-        counters["seconds"] = self.base_seconds + time.monotonic() - self.started
-        self.journal.record_region(records, first_id + len(records), counters)
-        if self.on_region is not None:
-            self.on_region(self.journal.regions_done, len(self.regions))
-
-
-def _is_done(pending: Any) -> bool:
-    return not isinstance(pending, Future) or pending.done()
-
-
-def default_label_workers() -> int:
-    """Labelling processes: none on small machines (a thread does it), else up to 8."""
-    return max(0, min(8, ((os.cpu_count() or 2) - 2) // 2))
-
-
-def _label_pool(workers: int) -> ProcessPoolExecutor | None:
-    if workers <= 0:
-        return None
-    # spawn: the parent holds torch and threads, which must not be forked.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
-
-class _PostThread:
-    """Runs a :class:`_PostProcessor` in a thread behind a bounded queue.
-
-    Errors raised in the thread are re-raised in the caller at the next :meth:`put` or at
-    :meth:`close`; :meth:`abort` stops the thread without finishing.
-    """
-
-    def __init__(self, post: _PostProcessor, maxsize: int) -> None:
-        self.post = post
-        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cellseg-postprocess", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    message = self.queue.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if message is None:
-                    self.post.finish()
-                    return
-                kind, *args = message
-                getattr(self.post, kind)(*args)
-        except BaseException as exc:  # handed to the main thread
-            self.error = exc
-
-    def put(self, message: tuple | None) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            if not self._thread.is_alive():
-                raise RuntimeError("post-processing thread stopped unexpectedly")
-            try:
-                self.queue.put(message, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def close(self) -> None:
-        """Finishes all queued work and the remaining regions; re-raises thread errors."""
-        self.put(None)
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-# ------------------------------------------------------------------------------------ inference
-
-
-def _block_jobs(plan: SlidePlan, active: np.ndarray) -> list[tuple[tuple[int, int], list]]:
-    """Active blocks in raster order with their tissue tiles ``(ty, tx)``."""
-    jobs = []
-    for block in plan.layout.blocks():
-        if not active[block]:
-            continue
-        ty0, ty1, tx0, tx1 = plan.layout.block_tiles(*block)
-        ys, xs = np.nonzero(plan.tile_mask[ty0:ty1, tx0:tx1])
-        jobs.append((block, [(ty0 + int(y), tx0 + int(x)) for y, x in zip(ys, xs, strict=True)]))
-    return jobs
-
-
-def _read_request(plan: SlidePlan, tiles: list) -> tuple[tuple[int, int], ReadRequest]:
-    """Canvas origin ``(y0, x0)`` and read request of the box covering ``tiles``."""
-    tys = [t[0] for t in tiles]
-    txs = [t[1] for t in tiles]
-    y0, y1, x0, x1 = plan.layout.tiles_box(min(tys), max(tys) + 1, min(txs), max(txs) + 1)
-    origin = plan.canvas.level0_xy(x0, y0)
-    return (y0, x0), ReadRequest(origin, (x1 - x0, y1 - y0), plan.model_mpp)
-
-
-class _Batcher:
-    """Collects tiles across blocks into batches, runs the model, forwards results in order.
-
-    ``finish_block`` messages are sent only after all of a block's tiles and all earlier blocks,
-    so the post-processor sees blocks complete in raster order whatever the batch boundaries.
-    """
-
-    def __init__(
-        self, predictor: TilePredictor, layout: TileLayout, batch_size: int, post: _PostThread
-    ) -> None:
-        self.predictor = predictor
-        self.tile_px = layout.tile_px
-        self.stride_px = layout.stride_px
-        self.batch_size = batch_size
-        self.post = post
-        self.tiles: list[tuple[tuple[int, int], tuple[int, int], np.ndarray]] = []
-        self.remaining: deque[list] = deque()  # [block, its tiles not yet predicted]
-        self.tiles_run = 0
-        self.on_batch: Callable[[int], None] | None = None
-
-    def add_block(
-        self,
-        block: tuple[int, int],
-        tiles: list[tuple[int, int]],
-        image: np.ndarray | None,
-        origin_yx: tuple[int, int],
-    ) -> None:
-        """Queues a block's tiles (cut from ``image``, whose top-left is canvas ``origin_yx``)."""
-        self.remaining.append([block, len(tiles)])
-        t = self.tile_px
-        for ty, tx in tiles:
-            y, x = ty * self.stride_px - origin_yx[0], tx * self.stride_px - origin_yx[1]
-            self.tiles.append((block, (ty, tx), image[y : y + t, x : x + t]))
-            if len(self.tiles) == self.batch_size:
-                self.flush()
-        self._send_done()
-
-    def flush(self) -> None:
-        """Runs the model on the queued tiles."""
-        if not self.tiles:
-            return
-        batch, self.tiles = self.tiles, []
-        probs = self.predictor(np.stack([tile for _, _, tile in batch]))
-        start = 0
-        for end in range(1, len(batch) + 1):
-            if end == len(batch) or batch[end][0] != batch[start][0]:
-                block = batch[start][0]
-                tiles = [t for _, t, _ in batch[start:end]]
-                self.post.put(("add_tiles", block, tiles, probs[start:end]))
-                for entry in self.remaining:
-                    if entry[0] == block:
-                        entry[1] -= end - start
-                start = end
-        self.tiles_run += len(batch)
-        if self.on_batch is not None:
-            self.on_batch(len(batch))
-        self._send_done()
-
-    def _send_done(self) -> None:
-        while self.remaining and self.remaining[0][1] == 0:
-            block, _ = self.remaining.popleft()
-            self.post.put(("finish_block", block))
-
-
-def _active_blocks(layout: TileLayout, regions_done: int) -> np.ndarray:
-    """Blocks that the regions not yet done depend on (all of them on a fresh run)."""
-    active = np.zeros(layout.n_blocks_yx, dtype=bool)
-    for index, region in enumerate(layout.blocks()):
-        if index >= regions_done:
-            for block in layout.neighbourhood(*region):
-                active[block] = True
-    return active
-
-
-def _run_pipeline(
-    plan: SlidePlan,
-    predictor: TilePredictor,
-    options: PredictOptions,
-    store: PredictionStore,
-    journal: Journal,
-    writer: GeoJSONWriter | None,
-    progress: bool,
-    on_region: Callable[[int, int], None] | None,
-) -> int:
-    """Reads, predicts and post-processes every block the unfinished regions need.
-
-    Returns:
-        Number of network tiles run.
-    """
-    from tqdm import tqdm
-
-    from .inference import blend_weights
-
-    layout = plan.layout
-    active = _active_blocks(layout, journal.regions_done)
-    jobs = _block_jobs(plan, active)
-    weights = blend_weights(layout.tile_px, layout.overlap_px)
-    label_workers = (
-        default_label_workers() if options.label_workers is None else options.label_workers
-    )
-    post = _PostProcessor(
-        plan, store, journal, writer, active, weights, label_workers, on_region
-    )
-    thread = _PostThread(post, maxsize=2 * QUEUE_BATCHES)
-    batcher = _Batcher(predictor, layout, options.batch_size, thread)
-    requests, origins = [], {}
-    for block, tiles in jobs:
-        if tiles:
-            origins[block], request = _read_request(plan, tiles)
-            requests.append((block, request))
-    bar = tqdm(
-        total=sum(len(tiles) for _, tiles in jobs),
-        desc=plan.slide_path.name,
-        unit="tile",
-        file=sys.stderr,
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    batcher.on_batch = bar.update
-    workers = default_workers() if options.workers is None else options.workers
-    source = SlideSource(plan.slide_path, plan.backend, options.mpp)
-    finished = False
-    try:
-        with RegionReader(source, workers) as reader:
-            images = reader.read_ahead(requests)
-            for block, tiles in jobs:
-                image = None
-                if tiles:
-                    key, image = next(images)
-                    assert key == block, f"read-ahead out of order: {key} != {block}"
-                batcher.add_block(block, tiles, image, origins.get(block, (0, 0)))
-            batcher.flush()
-        thread.close()
-        finished = True
-    finally:
-        if not finished:
-            thread.abort()
-            post.close()
-        bar.close()
-    return batcher.tiles_run
-
-
 def _replace_dir(partial: Path, final: Path) -> None:
     """Moves a finished folder into place (replacing an older one: ``--overwrite``)."""
     if final.exists():
@@ -757,8 +325,6 @@ def _replace_dir(partial: Path, final: Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    import json
-
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(partial, path)
@@ -767,10 +333,8 @@ def _write_json(path: Path, data: dict) -> None:
 def _versions() -> dict[str, str]:
     versions = {"cellseg": __version__, "python": platform.python_version()}
     for package in ("numpy", "zarr", "shapely", "scikit-image", "openslide-python", "tiffslide"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
     torch = sys.modules.get("torch")
     if torch is not None:
         versions["torch"] = torch.__version__
@@ -787,9 +351,21 @@ def _peak_rss_mb() -> float:
 
 @dataclass
 class _RunStats:
+    base_seconds: float = 0.0  # spent by earlier, interrupted sessions
     tiles_run: int = 0
     session_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pipeline_settings(options: PredictOptions) -> PipelineSettings:
+    """The throughput settings of ``options``, with the machine-dependent defaults filled in."""
+    return PipelineSettings(
+        batch_size=options.batch_size,
+        workers=default_workers() if options.workers is None else options.workers,
+        label_workers=(
+            default_label_workers() if options.label_workers is None else options.label_workers
+        ),
+        mpp_override=options.mpp,
+    )
 
 
 def _summary(
@@ -801,8 +377,8 @@ def _summary(
     predictor: TilePredictor,
 ) -> dict[str, Any]:
     tiles = int(plan.tile_mask.sum())
-    seconds = float(journal.counters.get("seconds", 0.0))
-    seconds = max(seconds, stats.session_seconds)
+    seconds = stats.base_seconds + stats.session_seconds
+    settings = pipeline_settings(options)
     area = plan.tissue_area_mm2 if plan.tissue_area_mm2 is not None else plan.processed_area_mm2()
     layout = plan.layout
     return {
@@ -838,8 +414,9 @@ def _summary(
             "overlap_px": layout.overlap_px,
             "region_px": layout.block_px,
             "halo_px": layout.halo_px,
-            "batch_size": options.batch_size,
-            "workers": default_workers() if options.workers is None else options.workers,
+            "batch_size": settings.batch_size,
+            "workers": settings.workers,
+            "label_workers": settings.label_workers,
         },
         "model": {
             "name": plan.model_name,
@@ -853,7 +430,9 @@ def _summary(
     }
 
 
-def _open_store(plan: SlidePlan, outputs: SlideOutputs, journal: Journal) -> PredictionStore:
+def _open_store(
+    plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs, journal: Journal
+) -> PredictionStore:
     """The partial Zarr group: reopened when resuming, else created (restarting the journal
     if its group went missing)."""
     canvas_hw = (plan.layout.height_px, plan.layout.width_px)
@@ -868,6 +447,7 @@ def _open_store(plan: SlidePlan, outputs: SlideOutputs, journal: Journal) -> Pre
         canvas_hw,
         num_classes=plan.num_classes,
         with_labels=outputs.zarr is not None,
+        chunk_px=options.chunk_px,
         attrs=zarr_attributes(plan),
     )
 
@@ -883,18 +463,24 @@ def _predict_planned(
     on_region: Callable[[int, int], None] | None,
     started: float,
 ) -> dict[str, Any]:
-    store = _open_store(plan, outputs, journal)
-    stats = _RunStats()
-    if outputs.geojson is not None:
-        with GeoJSONWriter(outputs.geojson, options.object_type) as writer:
+    store = _open_store(plan, options, outputs, journal)
+    stats = _RunStats(base_seconds=float(journal.counters.get("seconds", 0.0)))
+    settings = pipeline_settings(options)
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if outputs.geojson is not None:
+            writer = stack.enter_context(GeoJSONWriter(outputs.geojson, options.object_type))
             for record in journal.nuclei():  # replay what an interrupted run committed
                 writer.write(record.polygon, record.measurements)
-            stats.tiles_run = _run_pipeline(
-                plan, predictor, options, store, journal, writer, progress, on_region
-            )
-    else:
-        stats.tiles_run = _run_pipeline(
-            plan, predictor, options, store, journal, None, progress, on_region
+        stats.tiles_run = run_pipeline(
+            plan,
+            predictor,
+            settings,
+            store,
+            journal,
+            writer,
+            progress=progress,
+            on_region=on_region,
         )
     store.finish({"nuclei": journal.next_id - 1})
     if outputs.zarr is not None:
@@ -970,13 +556,3 @@ def predict_slide(
             raise
         journal.remove()
     return summary
-
-
-def iter_nuclei(outputs: SlideOutputs) -> Iterator[NucleusRecord]:
-    """Nuclei committed so far by an unfinished run (for inspection and tests)."""
-    journal = Journal(outputs.work_dir, {})
-    saved = journal._load()
-    if saved is None:
-        return iter(())
-    journal.nuclei_bytes = int(saved["nuclei_bytes"])
-    return journal.nuclei()

@@ -33,7 +33,7 @@ _local = threading.local()  # the worker's open slide (one per process, or the r
 
 @dataclass(frozen=True)
 class SlideSource:
-    """How a worker opens the slide (picklable): the arguments of :func:`cellseg.slide.open_slide`."""
+    """How a worker opens the slide: the arguments of :func:`cellseg.slide.open_slide`."""
 
     path: Path
     backend: str = "openslide"

@@ -237,13 +237,18 @@ def _open_reader(path: Path, backend: str) -> _Reader:
         else tifffile.TiffFileError
     )
     try:
-        return _OpenSlideLikeReader(opener(str(path)), backend)
+        handle = opener(str(path))
     except unsupported as exc:
         if path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
             log.info("%s: not a slide %s can read; reading it as a plain image", path, backend)
             return _open_image(path)
         raise SlideError(f"{path}: not a slide format {backend} can read") from exc
     except _DECODER_ERRORS as exc:
+        raise SlideError(f"{path}: cannot open slide with {backend}: {_one_line(exc)}") from exc
+    try:  # tiffslide parses levels and properties lazily: a truncated file can fail here
+        return _OpenSlideLikeReader(handle, backend)
+    except _DECODER_ERRORS as exc:
+        handle.close()
         raise SlideError(f"{path}: cannot open slide with {backend}: {_one_line(exc)}") from exc
 
 
@@ -341,7 +346,9 @@ def _resolve_mpp(path: Path, reader: _Reader, override: float | None) -> tuple[f
     return mpp, source
 
 
-def _bounds_xy(props: Mapping[str, Any], backend: str, dims_xy: tuple[int, int]):
+def _bounds_xy(
+    props: Mapping[str, Any], backend: str, dims_xy: tuple[int, int]
+) -> tuple[int, int, int, int]:
     """``(x, y, w, h)`` of the region QuPath shows: OpenSlide's bounds-* or the whole level 0.
 
     QuPath's OpenSlide server crops to ``openslide.bounds-*`` (PEERS.md §6.2), so level-0
@@ -372,6 +379,9 @@ class Slide:
         mpp_source: where ``mpp`` came from (see the module docstring).
         level_dimensions_xy: (width, height) of every pyramid level, finest first.
         level_downsamples: level-0 pixels per level pixel, finest first.
+        properties: the reader's metadata (``openslide.*``, ``tiffslide.*``, ``aperio.*``, ...).
+
+    Slides pickle by re-opening the file (for worker processes).
     """
 
     def __init__(
@@ -452,8 +462,8 @@ class Slide:
             size_px: (w, h) of the output in target-resolution pixels.
             target_mpp: µm per output pixel.
 
-        Reads the level chosen by :meth:`best_level` in ONE reader call, then area-averages
-        (Pillow's box filter with a sub-pixel source box) when downsampling, or interpolates
+        Reads the level chosen by :meth:`best_level` in ONE reader call, then takes exact area
+        averages when downsampling (any fractional factor and sub-pixel offset) or interpolates
         bilinearly when upsampling. Exactly 1:1 reads are plain crops. Areas outside the slide
         are white (255); transparent pixels are composited on white.
 

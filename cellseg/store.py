@@ -39,7 +39,7 @@ def to_uint8(probability: np.ndarray) -> np.ndarray:
 
 
 class PredictionStore:
-    """Read/write access to a prediction group (create with :meth:`create`, reopen with :meth:`open`).
+    """Read/write access to a prediction group: :meth:`create` a new one, :meth:`open` to resume.
 
     Attributes:
         path: the group's folder.

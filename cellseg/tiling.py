@@ -151,9 +151,19 @@ class TileLayout:
         return (y0, min(y1, self.height_px), x0, min(x1, self.width_px))
 
     def region_core(self, by: int, bx: int) -> Box:
-        """Canvas box owned by region ``(by, bx)``: its nuclei have their centroid here."""
-        b = self.block_px
-        return (by * b, min((by + 1) * b, self.height_px), bx * b, min((bx + 1) * b, self.width_px))
+        """Canvas box owned by region ``(by, bx)``: its nuclei have their centroid here.
+
+        Cores tile the canvas: the last region of a row or column reaches the canvas edge
+        (its tiles' overlap may stick out of the last full block by up to ``overlap_px``).
+        """
+        y0, y1 = self._core_span(by, 0)
+        x0, x1 = self._core_span(bx, 1)
+        return (y0, y1, x0, x1)
+
+    def _core_span(self, c: int, axis: int) -> tuple[int, int]:
+        length = self.height_px if axis == 0 else self.width_px
+        last = c == self.n_blocks_yx[axis] - 1
+        return c * self.block_px, length if last else (c + 1) * self.block_px
 
     def region_window(self, by: int, bx: int) -> Box:
         """Region core grown by ``halo_px`` on every side, clipped to the canvas."""
@@ -206,7 +216,7 @@ class TileLayout:
             if c > 0 and ov > 0:
                 out.append(Segment(start, min(start + ov, length), (c - 1, c)))
                 start += ov
-            end = min((c + 1) * b, length)
+            end = self._core_span(c, axis)[1]
             if start < end:
                 out.append(Segment(start, end, (c,)))
         return out

@@ -72,6 +72,7 @@ def test_square_mask_polygon_by_hand() -> None:
     # Marching squares cuts each of the 4 corners by 1/8 raster px²: (16 − 0.5) · 2².
     assert polygon.area == pytest.approx(62.0)
     assert polygon.is_valid and not polygon.interiors
+    assert len(polygon.exterior.coords) == 9  # 4 edges + 4 cut corners, collinear points dropped
     assert _qupath_accepts(polygon)
 
 
@@ -123,6 +124,30 @@ def test_random_nuclei_survive_the_qupath_snap() -> None:
         assert _on_grid(coords)
         assert _qupath_accepts(polygon)
         assert shapely.is_ccw(polygon.exterior)  # RFC 7946 winding
+
+
+def test_polygon_rasterises_back_to_the_filled_mask() -> None:
+    # Every pixel centre of the mask lies inside the outline and every other centre outside, so
+    # rasterising the polygon (centre rule) gives the mask back: the Zarr labels and the
+    # GeoJSON polygons of the pipeline describe the same pixels.
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        mask = np.zeros((26, 26), bool)
+        rr, cc = draw.ellipse(
+            13,
+            13,
+            rng.uniform(2, 11),
+            rng.uniform(2, 11),
+            shape=mask.shape,
+            rotation=rng.uniform(0, np.pi),
+        )
+        mask[rr, cc] = True
+        polygon = mask_polygon(mask, origin_xy=(0, 0), scale=1.0)
+        xy = np.asarray(polygon.exterior.coords)
+        rows, cols = draw.polygon(xy[:, 1] - 0.5, xy[:, 0] - 0.5, shape=mask.shape)
+        raster = np.zeros_like(mask)
+        raster[rows, cols] = True
+        np.testing.assert_array_equal(raster, mask)
 
 
 def test_snap_repairs_a_bow_tie_and_drops_slivers() -> None:
@@ -273,6 +298,23 @@ def test_failed_rewrite_keeps_the_previous_complete_file(
         writer.write(nuclei[4])
         raise RuntimeError("killed")
     assert path.read_bytes() == before
+
+
+def test_failure_while_finishing_leaves_no_file(
+    tmp_path: Path, nuclei: list[Polygon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("cellseg.geojson.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space"), GeoJSONWriter(tmp_path / "n.geojson.gz") as w:
+        w.write(nuclei[0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_multipolygons_are_refused(tmp_path: Path) -> None:
+    with GeoJSONWriter(tmp_path / "m.geojson") as writer, pytest.raises(TypeError, match="one"):
+        writer.write(box(0, 0, 1, 1).union(box(2, 2, 3, 3)))
 
 
 def test_empty_collection_is_valid_json(tmp_path: Path) -> None:

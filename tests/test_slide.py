@@ -59,7 +59,19 @@ def test_synthetic_svs_opens_as_aperio_pyramid(pyramid_slide: Path, backend: str
         assert slide.mpp_source == f"{backend}.mpp-x"
         assert slide.bounds_xy == (0, 0, *SYNTHETIC_SIZE_XY)
     if backend == "openslide":
-        assert openslide.OpenSlide(str(pyramid_slide)).properties["openslide.vendor"] == "aperio"
+        handle = openslide.OpenSlide(str(pyramid_slide))
+        assert handle.properties["openslide.vendor"] == "aperio"
+        assert handle.level_count == 4
+
+
+def test_jpeg_pyramid_is_readable_and_close(tmp_path: Path) -> None:
+    image = smooth_test_image(512, 640, seed=9)
+    path = make_pyramid_tiff(tmp_path / "jpeg.svs", image, 0.5, levels=1, compression="jpeg")
+    for backend in PYRAMID_BACKENDS:
+        with open_slide(path, backend=backend) as slide:
+            assert slide.level_downsamples == (1.0, 2.0)
+            region = slide.read_region_at_mpp((0, 0), (640, 512), 0.5).astype(np.float64)
+        assert np.abs(region - image).mean() < 4  # lossy, but the same picture
 
 
 def test_generic_tiff_pyramid_gets_mpp_from_resolution_tags(generic_pyramid_slide: Path) -> None:
@@ -459,8 +471,11 @@ def test_truncated_slide(tmp_path: Path, pyramid_slide: Path, backend: str) -> N
     data = pyramid_slide.read_bytes()
     path = tmp_path / "truncated.svs"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SlideError, match=r"truncated\.svs: "):  # at open or at read
-        slide = open_slide(path, backend=backend)
+    # The error may come at open or at read; either way it names the file.
+    with (
+        pytest.raises(SlideError, match=r"truncated\.svs: "),
+        open_slide(path, backend=backend) as slide,
+    ):
         slide.read_region_at_mpp((0, 0), SYNTHETIC_SIZE_XY, SYNTHETIC_MPP)
 
 

@@ -1,0 +1,492 @@
+"""The concurrent stages of whole-slide prediction, fed with a :class:`SlidePlan`.
+
+Three stages connected by bounded queues, so that reading, the model and post-processing
+overlap (issue 5; PEERS.md §3 and §5: GPUs starve when these run in series) and none of them
+holds more than a few blocks:
+
+1. **read-ahead** (:mod:`cellseg.readahead`): worker processes read whole blocks (about 2000 px
+   at the model's mpp, one reader call each) of the tissue tiles, ahead of use;
+2. **inference** (the calling thread, :class:`_Batcher`): 224 px tiles are cut from the blocks
+   in memory and run through the predictor in batches that span blocks;
+3. **post-processing** (one thread, :class:`_PostProcessor`): tile probabilities are blended
+   into final cells (:mod:`cellseg.stitch`) and written to Zarr (:mod:`cellseg.store`); each
+   region, once its 3×3 block neighbourhood is done, is labelled on core + halo (in
+   ``label_workers`` processes when there are cores to spare), keeps the nuclei it owns
+   (:mod:`cellseg.nuclei`), and is committed in raster order: ids, ``labels``, GeoJSON, journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .geojson import GeoJSONWriter
+from .instances import PostProcess
+from .journal import Journal, NucleusRecord
+from .nuclei import LABEL_KEY, RegionJob, RegionNuclei, extract_region
+from .readahead import ReadRequest, RegionReader, SlideSource
+from .stitch import Stitcher
+from .store import PredictionStore
+from .tiling import Canvas, TileLayout
+
+log = logging.getLogger(__name__)
+
+QUEUE_MESSAGES = 8  # tile batches and block completions waiting for post-processing, at most
+
+
+class TilePredictor(Protocol):
+    """What the pipeline needs from a model (``cellseg.inference.Predictor`` or a test oracle).
+
+    ``predictor(tiles)`` maps ``N×tile_px×tile_px×3`` uint8 RGB tiles to ``N×C×tile_px×tile_px``
+    float32 softmax probabilities (channel 0 background).
+    """
+
+    mpp: float
+    tile_px: int
+    num_classes: int
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray: ...
+
+
+def default_workers() -> int:
+    """Reader processes: half the CPU cores (the model and post-processing need the rest), 1-4."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+@dataclass
+class SlidePlan:
+    """Everything decided about a slide before any tile is run (see ``predict.plan_slide``)."""
+
+    slide_path: Path
+    slide_mpp: float
+    mpp_source: str
+    backend: str
+    dimensions_xy: tuple[int, int]
+    bounds_xy: tuple[int, int, int, int]
+    area_xywh: tuple[int, int, int, int]
+    model_mpp: float
+    canvas: Canvas
+    layout: TileLayout
+    tile_mask: np.ndarray  # n_tiles_y × n_tiles_x bool
+    tissue_area_mm2: float | None
+    num_classes: int
+    postprocess: PostProcess
+    model_name: str
+    model_sha256: str | None
+
+    @property
+    def block_tile_counts(self) -> np.ndarray:
+        """``n_blocks_y×n_blocks_x`` number of tissue tiles per block."""
+        k = self.layout.tiles_per_block
+        ny, nx = self.layout.n_blocks_yx
+        padded = np.zeros((ny * k, nx * k), dtype=np.int64)
+        padded[: self.tile_mask.shape[0], : self.tile_mask.shape[1]] = self.tile_mask
+        return padded.reshape(ny, k, nx, k).sum(axis=(1, 3))
+
+    @property
+    def qupath_offset_xy(self) -> tuple[float, float]:
+        """Subtract from scaled canvas coordinates to get QuPath level-0 coordinates."""
+        return (
+            self.bounds_xy[0] - self.canvas.origin_xy[0],
+            self.bounds_xy[1] - self.canvas.origin_xy[1],
+        )
+
+    def processed_area_mm2(self) -> float:
+        return self.area_xywh[2] * self.area_xywh[3] * (self.slide_mpp / 1000.0) ** 2
+
+
+# ------------------------------------------------------------------------------ post-processing
+
+
+class _PostProcessor:
+    """Blends tile probabilities, writes them, and labels regions as soon as they are ready.
+
+    Runs in its own thread, fed in block raster order by :class:`_PostThread`. Labelling (the
+    CPU-heavy watershed and polygon work, :func:`cellseg.nuclei.extract_region`) runs inline or
+    in ``label_workers`` processes; results are committed strictly in region order, which makes
+    the nucleus ids, the Zarr labels and the journal independent of timing.
+    """
+
+    def __init__(
+        self,
+        plan: SlidePlan,
+        store: PredictionStore,
+        journal: Journal,
+        writer: GeoJSONWriter | None,
+        active: np.ndarray,
+        weights: np.ndarray,
+        label_workers: int,
+        on_region: Callable[[int, int], None] | None,
+    ) -> None:
+        self.plan = plan
+        self.layout = plan.layout
+        self.store = store
+        self.journal = journal
+        self.writer = writer
+        self.on_region = on_region
+        self.started = time.monotonic()
+        self.base_seconds = float(journal.counters.get("seconds", 0.0))
+        self.stitcher = Stitcher(plan.layout, plan.num_classes, weights, active)
+        self.done = np.zeros(plan.layout.n_blocks_yx, dtype=bool)
+        self.regions = list(plan.layout.blocks())
+        self.next_region = journal.regions_done  # next region to submit
+        counts = plan.block_tile_counts
+        self.region_has_tiles = [
+            any(counts[b] > 0 for b in plan.layout.neighbourhood(*r)) for r in self.regions
+        ]
+        self.pool = _label_pool(label_workers)
+        self.max_in_flight = 2 * label_workers
+        self.in_flight: deque[tuple[tuple[int, int], Future | RegionNuclei | None]] = deque()
+
+    def add_tiles(self, block: tuple[int, int], tiles: list, probs: np.ndarray) -> None:
+        self.stitcher.add_tiles(block, tiles, probs)
+
+    def finish_block(self, block: tuple[int, int]) -> None:
+        for cell in self.stitcher.finish_block(block):
+            self.store.write_probabilities(cell.box, cell.probs)
+        self.done[block] = True
+        self._submit_ready_regions()
+
+    def finish(self) -> None:
+        self._submit_ready_regions()
+        while self.in_flight:
+            self._commit_next()
+        if self.journal.regions_done != len(self.regions):
+            raise RuntimeError(
+                f"{self.journal.regions_done} of {len(self.regions)} regions labelled at the end"
+            )
+        self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def _submit_ready_regions(self) -> None:
+        while self.next_region < len(self.regions):
+            region = self.regions[self.next_region]
+            if not all(self.done[b] for b in self.layout.neighbourhood(*region)):
+                break
+            self.in_flight.append((region, self._submit(region, self.next_region)))
+            self.next_region += 1
+            while len(self.in_flight) > self.max_in_flight:
+                self._commit_next()
+        # Commit whatever already finished, without waiting.
+        while self.in_flight and _is_done(self.in_flight[0][1]):
+            self._commit_next()
+
+    def _submit(self, region: tuple[int, int], index: int) -> Future | RegionNuclei | None:
+        """Starts labelling a region: a future, the result itself when inline, None on glass."""
+        if not self.region_has_tiles[index]:
+            return None
+        plan, layout = self.plan, self.layout
+        window = layout.region_window(*region)
+        job = RegionJob(
+            window=window,
+            core=layout.region_core(*region),
+            canvas_hw=(layout.height_px, layout.width_px),
+            model_mpp=plan.model_mpp,
+            params=plan.postprocess,
+            scale=plan.canvas.scale,
+            offset_xy=plan.qupath_offset_xy,
+            slide_mpp=plan.slide_mpp,
+        )
+        nucleus_u8, interior_u8 = self.store.read_probabilities(window)
+        if self.pool is None:
+            return extract_region(nucleus_u8, interior_u8, job)
+        return self.pool.submit(extract_region, nucleus_u8, interior_u8, job)
+
+    def _commit_next(self) -> None:
+        """Gives the oldest region's nuclei their ids and writes them everywhere, in order."""
+        region, pending = self.in_flight.popleft()
+        result: RegionNuclei | None = pending.result() if isinstance(pending, Future) else pending
+        first_id = self.journal.next_id
+        records: list[NucleusRecord] = []
+        dropped = 0
+        if result is not None:
+            lut = np.zeros(int(result.labels.max()) + 1, dtype=np.uint32)
+            for offset, (local, polygon, measurements) in enumerate(result.nuclei):
+                label_id = first_id + offset
+                lut[local] = label_id
+                records.append(
+                    NucleusRecord(label_id, polygon, {**measurements, LABEL_KEY: label_id})
+                )
+            self.store.write_labels(
+                self.layout.region_window(*region), lut[result.labels], first_id
+            )
+            dropped = result.dropped
+        if self.writer is not None:
+            for record in records:
+                self.writer.write(record.polygon, record.measurements)
+        counters = dict(self.journal.counters)
+        counters["dropped"] = counters.get("dropped", 0) + dropped
+        counters["seconds"] = self.base_seconds + time.monotonic() - self.started
+        self.journal.record_region(records, first_id + len(records), counters)
+        if self.on_region is not None:
+            self.on_region(self.journal.regions_done, len(self.regions))
+
+
+def _is_done(pending: Any) -> bool:
+    return not isinstance(pending, Future) or pending.done()
+
+
+def default_label_workers() -> int:
+    """Labelling processes: none on small machines (a thread does it), else up to 8."""
+    return max(0, min(8, ((os.cpu_count() or 2) - 2) // 2))
+
+
+def _label_pool(workers: int) -> ProcessPoolExecutor | None:
+    if workers <= 0:
+        return None
+    # spawn: the parent holds torch and threads, which must not be forked.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+class _PostThread:
+    """Runs a :class:`_PostProcessor` in a thread behind a bounded queue.
+
+    Errors raised in the thread are re-raised in the caller at the next :meth:`put` or at
+    :meth:`close`; :meth:`abort` stops the thread without finishing.
+    """
+
+    def __init__(self, post: _PostProcessor, maxsize: int) -> None:
+        self.post = post
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cellseg-postprocess", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    message = self.queue.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if message is None:
+                    self.post.finish()
+                    return
+                kind, *args = message
+                getattr(self.post, kind)(*args)
+        except BaseException as exc:  # handed to the main thread
+            self.error = exc
+
+    def put(self, message: tuple | None) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            if not self._thread.is_alive():
+                raise RuntimeError("post-processing thread stopped unexpectedly")
+            try:
+                self.queue.put(message, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Finishes all queued work and the remaining regions; re-raises thread errors."""
+        self.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ------------------------------------------------------------------------------------ inference
+
+
+def _block_jobs(plan: SlidePlan, active: np.ndarray) -> list[tuple[tuple[int, int], list]]:
+    """Active blocks in raster order with their tissue tiles ``(ty, tx)``."""
+    jobs = []
+    for block in plan.layout.blocks():
+        if not active[block]:
+            continue
+        ty0, ty1, tx0, tx1 = plan.layout.block_tiles(*block)
+        ys, xs = np.nonzero(plan.tile_mask[ty0:ty1, tx0:tx1])
+        jobs.append((block, [(ty0 + int(y), tx0 + int(x)) for y, x in zip(ys, xs, strict=True)]))
+    return jobs
+
+
+def _read_request(plan: SlidePlan, tiles: list) -> tuple[tuple[int, int], ReadRequest]:
+    """Canvas origin ``(y0, x0)`` and read request of the box covering ``tiles``."""
+    tys = [t[0] for t in tiles]
+    txs = [t[1] for t in tiles]
+    y0, y1, x0, x1 = plan.layout.tiles_box(min(tys), max(tys) + 1, min(txs), max(txs) + 1)
+    origin = plan.canvas.level0_xy(x0, y0)
+    return (y0, x0), ReadRequest(origin, (x1 - x0, y1 - y0), plan.model_mpp)
+
+
+class _Batcher:
+    """Collects tiles across blocks into batches, runs the model, forwards results in order.
+
+    ``finish_block`` messages are sent only after all of a block's tiles and all earlier blocks,
+    so the post-processor sees blocks complete in raster order whatever the batch boundaries.
+    """
+
+    def __init__(
+        self, predictor: TilePredictor, layout: TileLayout, batch_size: int, post: _PostThread
+    ) -> None:
+        self.predictor = predictor
+        self.tile_px = layout.tile_px
+        self.stride_px = layout.stride_px
+        self.batch_size = batch_size
+        self.post = post
+        self.tiles: list[tuple[tuple[int, int], tuple[int, int], np.ndarray]] = []
+        self.remaining: deque[list] = deque()  # [block, its tiles not yet predicted]
+        self.tiles_run = 0
+        self.on_batch: Callable[[int], None] | None = None
+
+    def add_block(
+        self,
+        block: tuple[int, int],
+        tiles: list[tuple[int, int]],
+        image: np.ndarray | None,
+        origin_yx: tuple[int, int],
+    ) -> None:
+        """Queues a block's tiles (cut from ``image``, whose top-left is canvas ``origin_yx``)."""
+        self.remaining.append([block, len(tiles)])
+        t = self.tile_px
+        for ty, tx in tiles:
+            y, x = ty * self.stride_px - origin_yx[0], tx * self.stride_px - origin_yx[1]
+            self.tiles.append((block, (ty, tx), image[y : y + t, x : x + t]))
+            if len(self.tiles) == self.batch_size:
+                self.flush()
+        self._send_done()
+
+    def flush(self) -> None:
+        """Runs the model on the queued tiles."""
+        if not self.tiles:
+            return
+        batch, self.tiles = self.tiles, []
+        probs = self.predictor(np.stack([tile for _, _, tile in batch]))
+        start = 0
+        for end in range(1, len(batch) + 1):
+            if end == len(batch) or batch[end][0] != batch[start][0]:
+                block = batch[start][0]
+                tiles = [t for _, t, _ in batch[start:end]]
+                self.post.put(("add_tiles", block, tiles, probs[start:end]))
+                for entry in self.remaining:
+                    if entry[0] == block:
+                        entry[1] -= end - start
+                start = end
+        self.tiles_run += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        self._send_done()
+
+    def _send_done(self) -> None:
+        while self.remaining and self.remaining[0][1] == 0:
+            block, _ = self.remaining.popleft()
+            self.post.put(("finish_block", block))
+
+
+def _active_blocks(layout: TileLayout, regions_done: int) -> np.ndarray:
+    """Blocks that the regions not yet done depend on (all of them on a fresh run)."""
+    active = np.zeros(layout.n_blocks_yx, dtype=bool)
+    for index, region in enumerate(layout.blocks()):
+        if index >= regions_done:
+            for block in layout.neighbourhood(*region):
+                active[block] = True
+    return active
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Throughput knobs of :func:`run_pipeline` (they do not change the results).
+
+    Attributes:
+        batch_size: tiles per model call.
+        workers: reader processes (0: one reader thread).
+        label_workers: labelling processes (0: the post-processing thread labels).
+        mpp_override: the ``--mpp`` the reader processes must open the slide with.
+    """
+
+    batch_size: int = 16
+    workers: int = 1
+    label_workers: int = 0
+    mpp_override: float | None = None
+
+
+def run_pipeline(
+    plan: SlidePlan,
+    predictor: TilePredictor,
+    settings: PipelineSettings,
+    store: PredictionStore,
+    journal: Journal,
+    writer: GeoJSONWriter | None = None,
+    *,
+    progress: bool = False,
+    on_region: Callable[[int, int], None] | None = None,
+) -> int:
+    """Reads, predicts and post-processes every block that the unfinished regions need.
+
+    On return every region is committed to ``journal`` (and ``writer``/``store``). On an error
+    the stages are stopped and the journal keeps what was committed.
+
+    Returns:
+        Number of network tiles run.
+    """
+    from tqdm import tqdm
+
+    from .inference import blend_weights
+
+    layout = plan.layout
+    active = _active_blocks(layout, journal.regions_done)
+    jobs = _block_jobs(plan, active)
+    weights = blend_weights(layout.tile_px, layout.overlap_px)
+    post = _PostProcessor(
+        plan, store, journal, writer, active, weights, settings.label_workers, on_region
+    )
+    thread = _PostThread(post, maxsize=QUEUE_MESSAGES)
+    batcher = _Batcher(predictor, layout, settings.batch_size, thread)
+    requests, origins = [], {}
+    for block, tiles in jobs:
+        if tiles:
+            origins[block], request = _read_request(plan, tiles)
+            requests.append((block, request))
+    bar = tqdm(
+        total=sum(len(tiles) for _, tiles in jobs),
+        desc=plan.slide_path.name,
+        unit="tile",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    batcher.on_batch = bar.update
+    source = SlideSource(plan.slide_path, plan.backend, settings.mpp_override)
+    finished = False
+    try:
+        with RegionReader(source, settings.workers) as reader:
+            images = reader.read_ahead(requests)
+            for block, tiles in jobs:
+                image = None
+                if tiles:
+                    key, image = next(images)
+                    assert key == block, f"read-ahead out of order: {key} != {block}"
+                batcher.add_block(block, tiles, image, origins.get(block, (0, 0)))
+            batcher.flush()
+        thread.close()
+        finished = True
+    finally:
+        if not finished:
+            thread.abort()
+            post.close()
+        bar.close()
+    return batcher.tiles_run

@@ -1,0 +1,252 @@
+"""``cellseg predict``: segment the nuclei of whole-slide images into GeoJSON and Zarr.
+
+Only click and the standard library are imported at module level; torch and the pipeline are
+imported when the command runs, so ``cellseg --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .common import device_option, fail, user_errors
+
+OBJECT_TYPES = ("detection", "cell", "annotation")  # cellseg.geojson.OBJECT_TYPES
+GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")  # what QuPath imports
+
+
+class RoiType(click.ParamType):
+    """``X,Y,W,H`` in level-0 pixels (integers, W and H > 0)."""
+
+    name = "X,Y,W,H"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).replace(" ", "").split(",")
+        try:
+            x, y, w, h = (int(p) for p in parts)
+        except ValueError:
+            self.fail(f"{value!r} is not four integers X,Y,W,H", param, ctx)
+        if w <= 0 or h <= 0:
+            self.fail(f"{value!r}: width and height must be > 0", param, ctx)
+        return (x, y, w, h)
+
+
+def _check_suffix(path: Path | None, allowed: tuple[str, ...], option: str) -> None:
+    if path is not None and not path.name.lower().endswith(allowed):
+        fail(f"{option} {path}: expected a file ending in {', '.join(allowed)}")
+
+
+def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary):
+    """One ``SlideOutputs`` per slide; usage errors exit with one line."""
+    from cellseg.predict import SlideOutputs
+
+    explicit = {"--out": geojson, "--zarr": zarr_path, "--overlay": overlay, "--summary": summary}
+    given = [name for name, value in explicit.items() if value is not None]
+    if len(slides) > 1:
+        if given:
+            fail(f"{', '.join(given)} need a single slide; use --out-dir for several slides")
+        if out_dir is None:
+            fail("several slides need --out-dir")
+        stems = [s.stem for s in slides]
+        duplicates = sorted({s for s in stems if stems.count(s) > 1})
+        if duplicates:
+            fail(f"slides share the name {duplicates[0]!r}; their outputs in --out-dir would clash")
+    elif out_dir is None and not given:
+        fail("nothing to write: give --out, --zarr, --overlay, --summary or --out-dir")
+    _check_suffix(geojson, GEOJSON_SUFFIXES, "--out")
+    _check_suffix(overlay, (".png", ".jpg", ".jpeg", ".tif", ".tiff"), "--overlay")
+    _check_suffix(summary, (".json",), "--summary")
+    plans = []
+    for slide in slides:
+        base = SlideOutputs.in_dir(out_dir, slide) if out_dir is not None else SlideOutputs()
+        plans.append(
+            SlideOutputs(
+                geojson=geojson or base.geojson,
+                zarr=zarr_path or base.zarr,
+                overlay=overlay or base.overlay,
+                summary=summary or base.summary,
+            )
+        )
+    return plans
+
+
+def _load_predictor(model_path: Path | None, device: str):
+    from cellseg.checkpoint import default_model_path, load_bundle
+    from cellseg.inference import Predictor
+
+    if model_path is None:
+        model_path = default_model_path()
+        if not model_path.is_file():
+            fail(
+                "no default model is installed with this copy of cellseg; pass --model "
+                "<checkpoint.safetensors> (e.g. runs/wsi/best.safetensors from cellseg train)"
+            )
+    return Predictor(load_bundle(model_path), device=device)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("slides", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Checkpoint (.safetensors); default: the model shipped with cellseg.",
+)
+@click.option(
+    "--out",
+    "geojson",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Nuclei for QuPath: .geojson, or .geojson.gz for gzip (single slide).",
+)
+@click.option(
+    "--zarr",
+    "zarr_path",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Zarr v3 group with probability and labels (single slide).",
+)
+@click.option(
+    "--overlay",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Downsampled picture with the outlines drawn, .png/.jpg (single slide).",
+)
+@click.option(
+    "--summary",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON run summary (single slide).",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write <stem>.geojson, <stem>.zarr and <stem>.json per slide here.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["openslide", "tiffslide"]),
+    default="openslide",
+    show_default=True,
+    help="Slide reader (plain PNG/JPEG/TIFF images also work).",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="µm per level-0 pixel, overriding the slide's metadata.",
+)
+@click.option(
+    "--roi",
+    type=RoiType(),
+    default=None,
+    help="Only this rectangle, in level-0 pixels as QuPath shows the slide.",
+)
+@click.option(
+    "--no-tissue-mask", is_flag=True, help="Run every tile of the slide (or ROI), glass included."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Tiles per model call (raise it on a GPU, e.g. 256).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Slide-reading processes (0: a thread). Default: half the cores, at most 4.",
+)
+@click.option(
+    "--label-workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Processes for instance extraction and polygons (0: a thread). "
+    "Default: (cores - 2) / 2, at most 8.",
+)
+@device_option
+@click.option(
+    "--object-type",
+    type=click.Choice(OBJECT_TYPES),
+    default="detection",
+    show_default=True,
+    help="QuPath object type of each nucleus.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs instead of skipping.")
+@user_errors
+def predict_command(
+    slides,
+    model_path,
+    geojson,
+    zarr_path,
+    overlay,
+    summary,
+    out_dir,
+    backend,
+    mpp,
+    roi,
+    no_tissue_mask,
+    batch_size,
+    workers,
+    label_workers,
+    device,
+    object_type,
+    overwrite,
+):
+    """Segment the nuclei of one or more whole-slide images.
+
+    Each slide is read at the model's resolution, tissue tiles are run through the network and
+    blended without seams, and every nucleus becomes one QuPath detection. Slides whose outputs
+    exist are skipped (unless --overwrite); an interrupted slide resumes where it stopped; a
+    slide that cannot be read is reported and the others go on (exit status 2 at the end).
+
+    \b
+    Examples:
+      cellseg predict slide.svs --out nuclei.geojson --zarr nuclei.zarr --overlay overview.png
+      cellseg predict cohort/*.svs --out-dir results/ --device cuda --batch-size 256
+      cellseg predict slide.mrxs --roi 20000,15000,4000,4000 --mpp 0.243 --out roi.geojson.gz
+    """
+    plans = _plan_outputs(list(slides), out_dir, geojson, zarr_path, overlay, summary)
+    from cellseg.errors import CellsegError
+    from cellseg.predict import PredictOptions, predict_slide
+
+    predictor = _load_predictor(model_path, device)
+    options = PredictOptions(
+        backend=backend,
+        mpp=mpp,
+        roi_xywh=roi,
+        tissue_mask=not no_tissue_mask,
+        batch_size=batch_size,
+        workers=workers,
+        label_workers=label_workers,
+        object_type=object_type,
+        overwrite=overwrite,
+    )
+    failed = 0
+    for slide, outputs in zip(slides, plans, strict=True):
+        if not overwrite and not outputs.is_resumable() and outputs.existing() == outputs.paths():
+            click.echo(f"{slide}: skipped, outputs exist (--overwrite to redo)", err=True)
+            continue
+        if outputs.is_resumable():
+            click.echo(f"{slide}: resuming the interrupted run", err=True)
+        try:
+            result = predict_slide(slide, predictor, outputs, options, progress=sys.stderr.isatty())
+        except CellsegError as exc:
+            click.echo(f"error: {exc}", err=True)
+            failed += 1
+            continue
+        click.echo(
+            f"{slide}: {result['nuclei']} nuclei, {result['tiles']} tiles, "
+            f"{result['seconds']:.1f} s -> {', '.join(map(str, outputs.paths()))}"
+        )
+    if failed:
+        if len(slides) > 1:
+            click.echo(f"{failed} of {len(slides)} slides failed", err=True)
+        sys.exit(2)

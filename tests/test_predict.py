@@ -1,0 +1,341 @@
+"""The whole-slide pipeline (cellseg.predict) on synthetic slides with an oracle model.
+
+Slides are 0.5 µm/px and read at the oracle's 0.5 µm/px; small blocks (384 px) and Zarr chunks
+(256 px) put many seams into a 700×900 slide. Discs painted ON every tile, block and chunk seam
+must each come out exactly once, uncut: the same polygon as the disc alone gives, the same pixels
+in the Zarr labels.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import zarr
+from oracle import DiscOracle, QuarterOracle, disc_image, seam_centres
+from slides import make_pyramid_tiff
+
+from cellseg import predict as predict_module
+from cellseg.errors import CellsegError, SlideError
+from cellseg.geojson import mask_polygon
+from cellseg.instances import PostProcess
+from cellseg.journal import Journal
+from cellseg.predict import PredictOptions, SlideOutputs, predict_slide
+from cellseg.slide import open_slide
+from cellseg.store import to_uint8
+
+MPP = 0.5
+HEIGHT, WIDTH = 700, 900
+# Tile seams (stride 192, overlap band to +32), block seams (384) and chunk seams (256).
+SEAMS = [192, 224, 256, 384, 416, 512, 576, 608, 768, 800]
+FAST = {"region_px": 384, "chunk_px": 256, "workers": 0, "label_workers": 0, "batch_size": 7}
+
+
+def options(**overrides) -> PredictOptions:
+    return PredictOptions(**{**FAST, **overrides})
+
+
+def outputs_in(folder: Path, **kinds: bool) -> SlideOutputs:
+    names = {"geojson": "n.geojson", "zarr": "n.zarr", "overlay": "o.png", "summary": "s.json"}
+    chosen = kinds or dict.fromkeys(names, True)
+    return SlideOutputs(**{k: folder / names[k] for k, on in chosen.items() if on})
+
+
+def features(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["features"]
+
+
+def by_label(path: Path) -> dict[int, dict]:
+    return {int(f["properties"]["measurements"]["Label"]): f for f in features(path)}
+
+
+@pytest.fixture(scope="module")
+def seam_slide(tmp_path_factory):
+    image, truth = disc_image(HEIGHT, WIDTH, seam_centres(HEIGHT, WIDTH, SEAMS))
+    path = make_pyramid_tiff(tmp_path_factory.mktemp("seam") / "seam.svs", image, MPP, levels=1)
+    return path, truth
+
+
+@pytest.fixture(scope="module")
+def seam_run(seam_slide, tmp_path_factory):
+    """One uninterrupted reference run with every output."""
+    path, _ = seam_slide
+    out = tmp_path_factory.mktemp("seam_out")
+    summary = predict_slide(path, DiscOracle(), outputs_in(out), options())
+    return out, summary
+
+
+def test_seam_discs_are_found_once_and_never_cut(seam_slide, seam_run):
+    _, truth = seam_slide
+    out, summary = seam_run
+    n_discs = int(truth.max())
+    assert n_discs > 150 and summary["nuclei"] == n_discs
+    labels = zarr.open_group(str(out / "n.zarr"), mode="r")["labels"][:]
+    np.testing.assert_array_equal(labels > 0, truth > 0)
+    found = by_label(out / "n.geojson")
+    assert sorted(found) == list(range(1, n_discs + 1))  # ids 1..n, no gaps, no repeats
+    for disc in range(1, n_discs + 1):
+        ids = np.unique(labels[truth == disc])
+        assert len(ids) == 1, f"disc {disc} was cut into ids {ids}"
+        assert np.count_nonzero(labels == ids[0]) == np.count_nonzero(truth == disc)
+        rows, cols = np.nonzero(truth == disc)
+        crop = truth[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] == disc
+        expected = mask_polygon(crop, (cols.min(), rows.min()), 1.0)
+        got = shapely.geometry.shape(found[int(ids[0])]["geometry"])
+        assert shapely.equals_exact(got, expected, tolerance=0), f"disc {disc} outline differs"
+
+
+def test_seams_really_cross_the_discs(seam_slide):
+    """Guards the test above: discs straddle block, tile and chunk borders."""
+    _, truth = seam_slide
+    for seam in (384, 192, 256):  # a block, a tile and a chunk seam
+        assert np.intersect1d(truth[:, seam - 1], truth[:, seam])[1:].size > 5
+        assert np.intersect1d(truth[seam - 1, :], truth[seam, :])[1:].size > 5
+
+
+def test_probability_map_equals_the_oracle_on_the_whole_slide(seam_slide, seam_run):
+    _, truth = seam_slide
+    out, _ = seam_run
+    probability = zarr.open_group(str(out / "n.zarr"), mode="r")["probability"][:]
+    np.testing.assert_array_equal(probability, np.where(truth > 0, 255, 0))
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_graded_probability_round_trip(tmp_path, scale):
+    """QuarterOracle, no tissue mask; scale 2 reads a 0.25 µm/px pyramid at 0.5 µm/px."""
+    rng = np.random.default_rng(scale)
+    blocks = rng.integers(0, 256, (300 // 6, 500 // 6 + 1, 3), dtype=np.uint8)
+    image = np.repeat(np.repeat(blocks, 6 * scale, axis=0), 6 * scale, axis=1)[:, : 500 * scale]
+    path = make_pyramid_tiff(tmp_path / "q.svs", image, MPP / scale, levels=1)
+    none = PostProcess(min_area_um2=1e6)  # random blocks: skip hundreds of pointless polygons
+    opts = options(tissue_mask=False, overlap_px=48, postprocess=none)
+    predict_slide(path, QuarterOracle(), outputs_in(tmp_path, zarr=True), opts)
+    with open_slide(path) as slide:
+        whole = slide.read_region_at_mpp((0, 0), (500, 300), MPP)
+    expected = to_uint8(1.0 - QuarterOracle.probabilities(whole[None])[0, 0])
+    group = zarr.open_group(str(tmp_path / "n.zarr"), mode="r")
+    np.testing.assert_array_equal(group["probability"][:], expected)
+    assert group.attrs["scale_to_level0"] == scale and group.attrs["mpp"] == MPP
+
+
+def test_zarr_layout_and_attributes(seam_run):
+    out, summary = seam_run
+    group = zarr.open_group(str(out / "n.zarr"), mode="r")
+    assert sorted(group.keys()) == ["labels", "probability"]  # working array removed
+    assert group["labels"].dtype == np.uint32 and group["probability"].dtype == np.uint8
+    assert group["labels"].chunks == (256, 256) and group["labels"].shape == (HEIGHT, WIDTH)
+    attrs = dict(group.attrs)
+    assert attrs["complete"] is True and attrs["nuclei"] == summary["nuclei"]
+    assert attrs["mpp"] == MPP and attrs["scale_to_level0"] == 1.0
+    assert attrs["origin_xy_level0"] == [0.0, 0.0] and attrs["bounds_xy"] == [0, 0, WIDTH, HEIGHT]
+    assert attrs["tiling"]["tile_px"] == 224 and attrs["tiling"]["overlap_px"] == 32
+    assert attrs["model"]["name"] == "DiscOracle" and attrs["cellseg_version"]
+
+
+def test_geojson_is_qupath_ready(seam_run):
+    out, _ = seam_run
+    collection = json.loads((out / "n.geojson").read_text())
+    assert collection["type"] == "FeatureCollection"
+    for feature in collection["features"]:
+        uuid.UUID(feature["id"], version=4)
+        props = feature["properties"]
+        assert props["objectType"] == "detection"
+        assert (
+            props["classification"]["name"] == "Nucleus"
+            and len(props["classification"]["color"]) == 3
+        )
+        m = props["measurements"]
+        assert m["Area µm^2"] > 0 and m["Perimeter µm"] > 0 and m["Nucleus probability"] == 1.0
+        polygon = shapely.geometry.shape(feature["geometry"])
+        assert polygon.is_valid and shapely.set_precision(polygon, 0.01).equals(polygon)
+        assert m["Area µm^2"] == pytest.approx(polygon.area * MPP**2)
+
+
+def test_geopandas_reads_every_geometry_as_valid(seam_run):
+    geopandas = pytest.importorskip("geopandas")
+    out, summary = seam_run
+    frame = geopandas.read_file(out / "n.geojson")
+    assert len(frame) == summary["nuclei"] and frame.geometry.is_valid.all()
+
+
+def test_summary_and_overlay(seam_run):
+    out, summary = seam_run
+    assert json.loads((out / "s.json").read_text()) == summary
+    assert summary["mpp"] == MPP and summary["mpp_source"] == "openslide.mpp-x"
+    assert summary["tiles"] == 4 * 5 and summary["tiles_skipped"] == 0
+    assert summary["tissue_area_mm2"] == pytest.approx(HEIGHT * WIDTH * MPP**2 / 1e6, rel=0.1)
+    assert summary["resumed"] is False and summary["seconds"] > 0
+    from PIL import Image
+
+    with Image.open(out / "o.png") as picture:
+        assert picture.size == (WIDTH, HEIGHT)
+        pixels = np.asarray(picture)
+    assert np.all(pixels == (0, 255, 0), axis=-1).sum() > 1000  # green outlines were drawn
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.cellseg-work"))
+
+
+def test_glass_tiles_are_never_run(tmp_path):
+    image, truth = disc_image(
+        HEIGHT, WIDTH, [(y, x) for y in range(30, 670, 45) for x in range(30, 400, 45)]
+    )
+    image[:, 450:] = 255  # glass
+    path = make_pyramid_tiff(tmp_path / "half.svs", image, MPP, levels=1)
+    oracle = DiscOracle()
+    summary = predict_slide(path, oracle, outputs_in(tmp_path, geojson=True), options())
+    assert summary["nuclei"] == truth.max()
+    assert summary["tiles_skipped"] >= 4 and oracle.calls == summary["tiles"] < 20
+    assert summary["tissue_area_mm2"] < 0.6 * HEIGHT * WIDTH * MPP**2 / 1e6
+
+
+def test_roi_is_in_qupath_coordinates_and_bounds_are_subtracted(seam_slide, tmp_path, monkeypatch):
+    path, truth = seam_slide
+    real_open = predict_module.open_slide
+
+    def open_with_bounds(*args, **kwargs):
+        slide = real_open(*args, **kwargs)
+        slide.bounds_xy = (100, 50, 700, 600)  # as OpenSlide reports for e.g. MIRAX
+        return slide
+
+    monkeypatch.setattr(predict_module, "open_slide", open_with_bounds)
+    roi = (200, 100, 300, 250)  # QuPath frame: level-0 x 300..600, y 150..400
+    opts = options(roi_xywh=roi)
+    summary = predict_slide(path, DiscOracle(), outputs_in(tmp_path, geojson=True), opts)
+    assert summary["area_xywh_level0"] == [300, 150, 300, 250]
+    found: dict[int, shapely.Polygon] = {}
+    for feature in features(tmp_path / "n.geojson"):
+        polygon = shapely.geometry.shape(feature["geometry"])
+        x, y = polygon.centroid.x + 100, polygon.centroid.y + 50  # back to level 0
+        assert 300 <= x < 600 and 150 <= y < 400
+        disc = int(truth[int(y), int(x)])
+        assert disc > 0 and disc not in found  # on a disc of the slide, once
+        found[disc] = polygon
+    inside = 0
+    for disc in range(1, truth.max() + 1):
+        rows, cols = np.nonzero(truth == disc)
+        if rows.min() >= 150 and rows.max() < 400 and cols.min() >= 300 and cols.max() < 600:
+            inside += 1
+            crop = truth[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] == disc
+            expected = mask_polygon(crop, (cols.min(), rows.min()), 1.0, (100, 50))
+            assert shapely.equals_exact(found[disc], expected, tolerance=0)
+    assert inside > 20
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(regions: int):
+    def on_region(done: int, total: int) -> None:
+        if done == regions:
+            raise Interrupt(f"stopped after {done} of {total} regions")
+
+    return on_region
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    fa, fb = by_label(a / "n.geojson"), by_label(b / "n.geojson")
+    assert fa.keys() == fb.keys()
+    for label in fa:
+        assert fa[label]["geometry"] == fb[label]["geometry"]
+        assert fa[label]["properties"]["measurements"] == fb[label]["properties"]["measurements"]
+    za, zb = (zarr.open_group(str(p / "n.zarr"), mode="r") for p in (a, b))
+    for name in ("labels", "probability"):
+        np.testing.assert_array_equal(za[name][:], zb[name][:])
+
+
+def test_an_interrupted_run_resumes_to_the_same_nuclei(seam_slide, seam_run, tmp_path):
+    path, _ = seam_slide
+    reference, _ = seam_run
+    outputs = outputs_in(tmp_path, geojson=True, zarr=True)
+    with pytest.raises(Interrupt):
+        predict_slide(path, DiscOracle(), outputs, options(), on_region=interrupt_after(5))
+    assert outputs.existing() == [] and outputs.is_resumable()
+    assert not (tmp_path / "n.geojson.partial").exists()  # the writer discarded its file
+    progress = json.loads((outputs.work_dir / "progress.json").read_text())
+    assert progress["regions_done"] == 5 and progress["next_id"] > 100
+    oracle = DiscOracle()
+    summary = predict_slide(path, oracle, outputs, options())
+    assert summary["resumed"] is True
+    assert 0 < oracle.calls < summary["tiles"]  # only the unfinished regions' blocks again
+    assert_same_results(reference, tmp_path)
+    assert not outputs.work_dir.exists() and not outputs.zarr_partial.exists()
+
+
+def test_a_kill_between_nuclei_and_progress_is_rolled_back(
+    seam_slide, seam_run, tmp_path, monkeypatch
+):
+    path, _ = seam_slide
+    reference, _ = seam_run
+    outputs = outputs_in(tmp_path, geojson=True, zarr=True)
+    real_save, calls = Journal._save, []
+
+    def dying_save(self):
+        calls.append(1)
+        if len(calls) == 5:  # region 4's nuclei are on disk, its progress is not
+            raise Interrupt("killed")
+        real_save(self)
+
+    monkeypatch.setattr(Journal, "_save", dying_save)
+    with pytest.raises(Interrupt):
+        predict_slide(path, DiscOracle(), outputs, options())
+    monkeypatch.setattr(Journal, "_save", real_save)
+    assert predict_slide(path, DiscOracle(), outputs, options())["resumed"] is True
+    assert_same_results(reference, tmp_path)
+
+
+def test_existing_outputs_need_overwrite(tmp_path):
+    image, _ = disc_image(250, 250, [(100, 120)])
+    path = make_pyramid_tiff(tmp_path / "one.svs", image, MPP, levels=1)
+    outputs = outputs_in(tmp_path, summary=True)
+    (tmp_path / "s.json").write_text("{}")
+    with pytest.raises(CellsegError, match="already exists"):
+        predict_slide(path, DiscOracle(), outputs, options())
+    summary = predict_slide(path, DiscOracle(), outputs, options(overwrite=True))
+    assert json.loads((tmp_path / "s.json").read_text())["nuclei"] == summary["nuclei"] == 1
+
+
+@pytest.fixture(scope="module")
+def bad_slides(slide_without_mpp, tmp_path_factory) -> dict[str, Path]:
+    tmp_path = tmp_path_factory.mktemp("bad")
+    truncated = tmp_path / "truncated.svs"
+    image, _ = disc_image(600, 600, [(300, 300)])
+    full = make_pyramid_tiff(tmp_path / "full.svs", image, MPP, levels=1, tile_px=128).read_bytes()
+    truncated.write_bytes(full[: len(full) // 2])  # header intact, tile data missing
+    (tmp_path / "garbage.svs").write_bytes(b"not a slide at all" * 100)
+    return {
+        "no mpp": slide_without_mpp,
+        "truncated": truncated,
+        "garbage": tmp_path / "garbage.svs",
+        "missing": tmp_path / "missing.svs",
+    }
+
+
+@pytest.mark.parametrize("case", ["no mpp", "truncated", "garbage", "missing"])
+@pytest.mark.parametrize("tissue", [True, False])
+def test_bad_slides_raise_one_line_and_leave_nothing(bad_slides, tmp_path, case, tissue):
+    slide = bad_slides[case]
+    out = tmp_path / "out"
+    with pytest.raises(SlideError) as error:
+        predict_slide(slide, DiscOracle(), outputs_in(out), options(tissue_mask=tissue))
+    message = str(error.value)
+    assert "\n" not in message and slide.name in message
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["broken/unopenable.tiff", "broken/unreadable.svs"])
+def test_openslide_broken_fixtures(shared_wsi_dir, tmp_path, name):
+    with pytest.raises(SlideError, match=Path(name).name):
+        predict_slide(shared_wsi_dir / name, DiscOracle(), outputs_in(tmp_path / "o"), options())
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+
+
+def test_worker_processes_give_the_same_result(seam_slide, seam_run, tmp_path):
+    path, _ = seam_slide
+    reference, _ = seam_run
+    opts = options(workers=1, label_workers=1, batch_size=16)
+    predict_slide(path, DiscOracle(), outputs_in(tmp_path, geojson=True, zarr=True), opts)
+    assert_same_results(reference, tmp_path)

@@ -1,0 +1,175 @@
+"""``cellseg predict`` through click's CliRunner: usage, batches with bad slides, skipping, e2e."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from oracle import DiscOracle, disc_image
+from slides import make_pyramid_tiff
+
+import cli.predict as cli_predict
+from cli.main import cellseg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str):
+    return CliRunner().invoke(cellseg, ["predict", *map(str, args)])
+
+
+def stderr_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    """The command with the disc oracle instead of a checkpoint, reading in-process."""
+    monkeypatch.setattr(cli_predict, "_load_predictor", lambda model_path, device: DiscOracle())
+    from cellseg import predict
+
+    monkeypatch.setattr(predict, "default_workers", lambda: 0)
+    monkeypatch.setattr(predict, "default_label_workers", lambda: 0)
+
+
+@pytest.fixture(scope="module")
+def good_slides(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("good")
+    paths = []
+    for i in range(2):
+        centres = [(y, x) for y in range(40, 260, 50) for x in range(40 + 10 * i, 420, 50)]
+        image, _ = disc_image(300, 450, centres)
+        paths.append(make_pyramid_tiff(folder / f"good{i}.svs", image, 0.5, levels=1))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def garbage_slide(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bad") / "garbage.svs"
+    path.write_bytes(b"\x00not a slide" * 200)
+    return path
+
+
+def test_help_shows_the_options_and_an_example():
+    result = run("--help")
+    assert result.exit_code == 0
+    for text in ("--out-dir", "--zarr", "--overlay", "--roi", "--object-type", "Examples:"):
+        assert text in result.output
+
+
+def test_the_command_module_does_not_import_torch():
+    code = "import sys, cli.predict; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["a.svs", "b.svs", "--out", "x.geojson"], "--out need a single slide"),
+        (["a.svs", "b.svs"], "several slides need --out-dir"),
+        (["a.svs"], "nothing to write"),
+        (["a.svs", "--out", "x.txt"], "--out x.txt: expected a file ending in .geojson"),
+        (["a.svs", "--overlay", "x.gif"], "expected a file ending in .png"),
+    ],
+)
+def test_usage_errors_are_one_line(args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert stderr_lines(result) == [f"error: {stderr_lines(result)[0][7:]}"]
+    assert message in result.stderr
+
+
+def test_missing_default_model_asks_for_model(monkeypatch, tmp_path, good_slides):
+    from cellseg import checkpoint
+
+    monkeypatch.setattr(checkpoint, "default_model_path", lambda: tmp_path / "none.safetensors")
+    result = run(good_slides[0], "--out", tmp_path / "n.geojson")
+    assert result.exit_code == 2 and "--model" in result.stderr
+    assert len(stderr_lines(result)) == 1 and not (tmp_path / "n.geojson").exists()
+
+
+def test_a_broken_slide_gives_one_line_and_no_file(oracle, tmp_path, garbage_slide):
+    result = run(garbage_slide, "--out", tmp_path / "n.geojson", "--zarr", tmp_path / "n.zarr")
+    assert result.exit_code == 2
+    assert stderr_lines(result) == [stderr_lines(result)[0]]
+    assert stderr_lines(result)[0].startswith("error: ") and "garbage.svs" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_goes_on_past_bad_slides_and_fails_at_the_end(
+    oracle, tmp_path, good_slides, garbage_slide, slide_without_mpp
+):
+    out = tmp_path / "results"
+    slides = [good_slides[0], garbage_slide, slide_without_mpp, good_slides[1]]
+    result = run(*slides, "--out-dir", out)
+    assert result.exit_code == 2
+    errors = [line for line in stderr_lines(result) if line.startswith("error: ")]
+    assert len(errors) == 2 and "garbage.svs" in errors[0] and "no_mpp.svs" in errors[1]
+    assert "2 of 4 slides failed" in result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"good{i}.{ext}" for i in (0, 1) for ext in ("geojson", "json", "zarr"))
+    for i in (0, 1):
+        summary = json.loads((out / f"good{i}.json").read_text())
+        collection = json.loads((out / f"good{i}.geojson").read_text())
+        assert summary["nuclei"] == len(collection["features"]) > 20
+        assert f"good{i}.svs: {summary['nuclei']} nuclei" in result.output
+
+    again = run(*slides[:1], slides[3], "--out-dir", out)
+    assert again.exit_code == 0 and again.stderr.count("skipped, outputs exist") == 2
+
+
+@pytest.mark.slow  # about 40 s on 2 busy cores: the tiny network still runs ~150 tiles
+def test_end_to_end_on_the_cmu_slide_with_a_tiny_checkpoint(tmp_path, cmu_slide):
+    torch = pytest.importorskip("torch")
+    from cellseg.checkpoint import save_bundle
+    from cellseg.model import ModelConfig, build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = ModelConfig.tiny()
+    model_path = tmp_path / "tiny.safetensors"
+    meta = {"name": "tiny-random", "mpp": 0.5, "tile_px": 224, "postprocess": {}}
+    save_bundle(model_path, build_model(config), config, meta)
+    out = {
+        k: tmp_path / v
+        for k, v in {
+            "out": "n.geojson.gz",
+            "zarr": "n.zarr",
+            "overlay": "o.png",
+            "summary": "s.json",
+        }.items()
+    }
+    result = run(
+        cmu_slide,
+        "--model",
+        model_path,
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--batch-size",
+        "8",
+        *[x for k, v in out.items() for x in (f"--{k}", v)],
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(out["summary"].read_text())
+    print(json.dumps(summary, indent=1))
+    assert summary["mpp"] == 0.5 and summary["slide_mpp"] == pytest.approx(0.499)
+    assert summary["mpp_source"] == "openslide.mpp-x" and summary["model"]["name"] == "tiny-random"
+    assert 0 < summary["tiles"] <= 12 * 16 and summary["tissue_area_mm2"] > 0.3
+    group = zarr.open_group(str(out["zarr"]), mode="r")
+    height, width = (int(np.ceil(n * 0.499 / 0.5)) for n in (2967, 2220))
+    assert group["probability"].shape == (height, width) and group.attrs["complete"] is True
+    import gzip
+
+    collection = json.loads(gzip.decompress(out["out"].read_bytes()))
+    assert collection["type"] == "FeatureCollection"
+    assert len(collection["features"]) == summary["nuclei"] == group.attrs["nuclei"]
+    assert np.asarray(group["labels"][:]).max() == summary["nuclei"]
