@@ -153,13 +153,13 @@ class RegionNuclei:
     """What labelling one region produced (picklable, returned by worker processes).
 
     Attributes:
-        labels: ``h×w`` int32 window label map (local ids).
+        labels: ``h×w`` int32 window label map (local ids), or None when not asked for.
         nuclei: ``(local_label, polygon, measurements)`` of the owned nuclei with a valid
             outline, in label order; measurements lack the ``Label`` id, given at commit time.
         dropped: owned objects dropped for touching an inner window side.
     """
 
-    labels: np.ndarray
+    labels: np.ndarray | None
     nuclei: list[tuple[int, Polygon, dict[str, float]]]
     dropped: int
 
@@ -176,6 +176,7 @@ class RegionJob:
     scale: float
     offset_xy: tuple[float, float]
     slide_mpp: float
+    keep_labels: bool = True  # False spares sending the label map back when no Zarr is written
 
 
 def extract_region(
@@ -202,4 +203,4 @@ def extract_region(
         values = polygon_measurements(polygon, job.slide_mpp)
         values[PROBABILITY_KEY] = round(nucleus.mean_probability, 4)
         nuclei.append((nucleus.local_label, polygon, values))
-    return RegionNuclei(labels, nuclei, dropped)
+    return RegionNuclei(labels if job.keep_labels else None, nuclei, dropped)

@@ -203,6 +203,7 @@ class _PostProcessor:
             scale=plan.canvas.scale,
             offset_xy=plan.qupath_offset_xy,
             slide_mpp=plan.slide_mpp,
+            keep_labels=self.store.has_labels,
         )
         nucleus_u8, interior_u8 = self.store.read_probabilities(window)
         if self.pool is None:
@@ -217,16 +218,17 @@ class _PostProcessor:
         records: list[NucleusRecord] = []
         dropped = 0
         if result is not None:
-            lut = np.zeros(int(result.labels.max()) + 1, dtype=np.uint32)
-            for offset, (local, polygon, measurements) in enumerate(result.nuclei):
+            for offset, (_, polygon, measurements) in enumerate(result.nuclei):
                 label_id = first_id + offset
-                lut[local] = label_id
                 records.append(
                     NucleusRecord(label_id, polygon, {**measurements, LABEL_KEY: label_id})
                 )
-            self.store.write_labels(
-                self.layout.region_window(*region), lut[result.labels], first_id
-            )
+            if result.labels is not None:
+                lut = np.zeros(int(result.labels.max()) + 1, dtype=np.uint32)
+                for record, (local, _, _) in zip(records, result.nuclei, strict=True):
+                    lut[local] = record.id
+                window = self.layout.region_window(*region)
+                self.store.write_labels(window, lut[result.labels], first_id)
             dropped = result.dropped
         if self.writer is not None:
             for record in records:
@@ -312,25 +314,44 @@ class _PostThread:
 # ------------------------------------------------------------------------------------ inference
 
 
-def _block_jobs(plan: SlidePlan, active: np.ndarray) -> list[tuple[tuple[int, int], list]]:
-    """Active blocks in raster order with their tissue tiles ``(ty, tx)``."""
+@dataclass(frozen=True)
+class BlockJob:
+    """One block's work: its tissue tiles and the single read that covers them.
+
+    Attributes:
+        block: ``(by, bx)``.
+        tiles: global tile indices ``(ty, tx)`` to run, in raster order (may be empty: glass).
+        origin_yx: canvas position of the read image's top-left pixel.
+        request: the read (None when there are no tiles).
+    """
+
+    block: tuple[int, int]
+    tiles: list[tuple[int, int]]
+    origin_yx: tuple[int, int]
+    request: ReadRequest | None
+
+
+def block_jobs(plan: SlidePlan, active: np.ndarray | None = None) -> list[BlockJob]:
+    """The blocks to process in raster order (``active`` ones only), with their reads.
+
+    Benchmarks use it to time reading and the model on exactly the pipeline's reads and tiles.
+    """
     jobs = []
     for block in plan.layout.blocks():
-        if not active[block]:
+        if active is not None and not active[block]:
             continue
         ty0, ty1, tx0, tx1 = plan.layout.block_tiles(*block)
         ys, xs = np.nonzero(plan.tile_mask[ty0:ty1, tx0:tx1])
-        jobs.append((block, [(ty0 + int(y), tx0 + int(x)) for y, x in zip(ys, xs, strict=True)]))
+        tiles = [(ty0 + int(y), tx0 + int(x)) for y, x in zip(ys, xs, strict=True)]
+        if not tiles:
+            jobs.append(BlockJob(block, [], (0, 0), None))
+            continue
+        y0, y1, x0, x1 = plan.layout.tiles_box(
+            min(ys) + ty0, max(ys) + ty0 + 1, min(xs) + tx0, max(xs) + tx0 + 1
+        )
+        request = ReadRequest(plan.canvas.level0_xy(x0, y0), (x1 - x0, y1 - y0), plan.model_mpp)
+        jobs.append(BlockJob(block, tiles, (y0, x0), request))
     return jobs
-
-
-def _read_request(plan: SlidePlan, tiles: list) -> tuple[tuple[int, int], ReadRequest]:
-    """Canvas origin ``(y0, x0)`` and read request of the box covering ``tiles``."""
-    tys = [t[0] for t in tiles]
-    txs = [t[1] for t in tiles]
-    y0, y1, x0, x1 = plan.layout.tiles_box(min(tys), max(tys) + 1, min(txs), max(txs) + 1)
-    origin = plan.canvas.level0_xy(x0, y0)
-    return (y0, x0), ReadRequest(origin, (x1 - x0, y1 - y0), plan.model_mpp)
 
 
 class _Batcher:
@@ -449,20 +470,16 @@ def run_pipeline(
 
     layout = plan.layout
     active = _active_blocks(layout, journal.regions_done)
-    jobs = _block_jobs(plan, active)
+    jobs = block_jobs(plan, active)
     weights = blend_weights(layout.tile_px, layout.overlap_px)
     post = _PostProcessor(
         plan, store, journal, writer, active, weights, settings.label_workers, on_region
     )
     thread = _PostThread(post, maxsize=QUEUE_MESSAGES)
     batcher = _Batcher(predictor, layout, settings.batch_size, thread)
-    requests, origins = [], {}
-    for block, tiles in jobs:
-        if tiles:
-            origins[block], request = _read_request(plan, tiles)
-            requests.append((block, request))
+    requests = [(job.block, job.request) for job in jobs if job.tiles]
     bar = tqdm(
-        total=sum(len(tiles) for _, tiles in jobs),
+        total=sum(len(job.tiles) for job in jobs),
         desc=plan.slide_path.name,
         unit="tile",
         file=sys.stderr,
@@ -475,12 +492,12 @@ def run_pipeline(
     try:
         with RegionReader(source, settings.workers) as reader:
             images = reader.read_ahead(requests)
-            for block, tiles in jobs:
+            for job in jobs:
                 image = None
-                if tiles:
+                if job.tiles:
                     key, image = next(images)
-                    assert key == block, f"read-ahead out of order: {key} != {block}"
-                batcher.add_block(block, tiles, image, origins.get(block, (0, 0)))
+                    assert key == job.block, f"read-ahead out of order: {key} != {job.block}"
+                batcher.add_block(job.block, job.tiles, image, job.origin_yx)
             batcher.flush()
         thread.close()
         finished = True

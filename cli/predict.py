@@ -89,7 +89,7 @@ def _load_predictor(model_path: Path | None, device: str):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("slides", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--model",
     "model_path",
@@ -242,6 +242,9 @@ def predict_command(
             click.echo(f"error: {exc}", err=True)
             failed += 1
             continue
+        except KeyboardInterrupt:
+            click.echo(f"{slide}: stopped; the same command resumes it", err=True)
+            raise
         click.echo(
             f"{slide}: {result['nuclei']} nuclei, {result['tiles']} tiles, "
             f"{result['seconds']:.1f} s -> {', '.join(map(str, outputs.paths()))}"

@@ -125,51 +125,64 @@ def test_batch_goes_on_past_bad_slides_and_fails_at_the_end(
     assert again.exit_code == 0 and again.stderr.count("skipped, outputs exist") == 2
 
 
-@pytest.mark.slow  # about 40 s on 2 busy cores: the tiny network still runs ~150 tiles
-def test_end_to_end_on_the_cmu_slide_with_a_tiny_checkpoint(tmp_path, cmu_slide):
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight ``ModelConfig.tiny()`` bundle at 0.5 µm/px (mechanics, not accuracy)."""
     torch = pytest.importorskip("torch")
     from cellseg.checkpoint import save_bundle
     from cellseg.model import ModelConfig, build_model
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     config = ModelConfig.tiny()
-    model_path = tmp_path / "tiny.safetensors"
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     meta = {"name": "tiny-random", "mpp": 0.5, "tile_px": 224, "postprocess": {}}
-    save_bundle(model_path, build_model(config), config, meta)
-    out = {
-        k: tmp_path / v
-        for k, v in {
-            "out": "n.geojson.gz",
-            "zarr": "n.zarr",
-            "overlay": "o.png",
-            "summary": "s.json",
-        }.items()
+    save_bundle(path, build_model(config), config, meta)
+    return path
+
+
+def run_cmu(cmu_slide: Path, model: Path, out: Path, *extra: str):
+    import torch
+
+    torch.set_num_threads(1)
+    paths = {
+        "--out": "n.geojson.gz",
+        "--zarr": "n.zarr",
+        "--overlay": "o.png",
+        "--summary": "s.json",
     }
-    result = run(
-        cmu_slide,
-        "--model",
-        model_path,
-        "--device",
-        "cpu",
-        "--workers",
-        "1",
-        "--batch-size",
-        "8",
-        *[x for k, v in out.items() for x in (f"--{k}", v)],
-    )
-    assert result.exit_code == 0, result.stderr
-    summary = json.loads(out["summary"].read_text())
-    print(json.dumps(summary, indent=1))
-    assert summary["mpp"] == 0.5 and summary["slide_mpp"] == pytest.approx(0.499)
-    assert summary["mpp_source"] == "openslide.mpp-x" and summary["model"]["name"] == "tiny-random"
-    assert 0 < summary["tiles"] <= 12 * 16 and summary["tissue_area_mm2"] > 0.3
-    group = zarr.open_group(str(out["zarr"]), mode="r")
-    height, width = (int(np.ceil(n * 0.499 / 0.5)) for n in (2967, 2220))
-    assert group["probability"].shape == (height, width) and group.attrs["complete"] is True
+    args = [x for option, name in paths.items() for x in (option, out / name)]
+    return run(cmu_slide, "--model", model, "--device", "cpu", "--batch-size", "8", *args, *extra)
+
+
+def check_cmu_outputs(out: Path, canvas_hw: tuple[int, int]) -> dict:
     import gzip
 
-    collection = json.loads(gzip.decompress(out["out"].read_bytes()))
+    summary = json.loads((out / "s.json").read_text())
+    assert summary["mpp"] == 0.5 and summary["slide_mpp"] == pytest.approx(0.499)
+    assert summary["mpp_source"] == "openslide.mpp-x" and summary["model"]["name"] == "tiny-random"
+    group = zarr.open_group(str(out / "n.zarr"), mode="r")
+    assert group["probability"].shape == canvas_hw and group.attrs["complete"] is True
+    collection = json.loads(gzip.decompress((out / "n.geojson.gz").read_bytes()))
     assert collection["type"] == "FeatureCollection"
     assert len(collection["features"]) == summary["nuclei"] == group.attrs["nuclei"]
     assert np.asarray(group["labels"][:]).max() == summary["nuclei"]
+    assert (out / "o.png").stat().st_size > 1000
+    return summary
+
+
+def test_end_to_end_on_a_region_of_the_cmu_slide(tmp_path, cmu_slide, tiny_checkpoint):
+    result = run_cmu(
+        cmu_slide, tiny_checkpoint, tmp_path, "--roi", "700,900,600,500", "--workers", "0"
+    )
+    assert result.exit_code == 0, result.output
+    summary = check_cmu_outputs(tmp_path, (499, 599))  # 500 and 600 level-0 px at 0.499 µm/px
+    assert summary["area_xywh_level0"] == [700, 900, 600, 500] and summary["tiles"] <= 9
+
+
+@pytest.mark.slow  # about 40 s on 2 busy cores: random weights make ~18k speckle "nuclei"
+def test_end_to_end_on_the_whole_cmu_slide(tmp_path, cmu_slide, tiny_checkpoint):
+    result = run_cmu(cmu_slide, tiny_checkpoint, tmp_path, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    height, width = (int(np.ceil(n * 0.499 / 0.5)) for n in (2967, 2220))
+    summary = check_cmu_outputs(tmp_path, (height, width))
+    assert 0 < summary["tiles"] <= 12 * 16 and summary["tissue_area_mm2"] > 0.3

@@ -1,0 +1,989 @@
+"""Throughput benchmark of whole-slide prediction (issue 5): reader, model, end to end, memory.
+
+In one run on a generated slide (synthetic H&E-like tissue, a JPEG pyramidal SVS at 0.25 µm/px,
+see ``synthetic_slide.py``) this script measures:
+
+1. **reader only**: the regions the pipeline reads (one ``read_region`` per block of tissue
+   tiles, with the pipeline's read-ahead worker processes), cut into the same 224 px network
+   tiles and stacked into the same batches, in tiles/s;
+2. **model only**: ``cellseg.inference.Predictor`` on those batches, already in memory, in
+   tiles/s;
+3. **end to end**: ``cellseg.predict.predict_slide`` (the function behind ``cellseg predict``),
+   GeoJSON and Zarr outputs on, in a fresh subprocess, in tiles/s and in seconds per mm² of
+   tissue (the model runs at its own mpp, 0.5 µm/px for the shipped model);
+4. **peak resident memory** of that run: the exact peak of its main process and of its largest
+   worker process (``getrusage``), and the sampled peak of the whole process tree (psutil);
+
+and prints, last, the ratio ``end-to-end / min(reader-only, model-only)`` (issue 5 asks for at
+least 0.85) and the memory figures. ``--scale-test`` repeats the end-to-end run on a slide of 4×
+the area and prints the growth of peak memory (issue 5 asks for less than 20%); ``--train``
+adds the training throughput (images/s of training steps, batch 8, 224², CIM on).
+
+Run from the repository root: ``python benchmarks/throughput.py`` (see ``benchmarks/README.md``).
+
+Only light modules are imported at module level: the reader's worker processes are started with
+``spawn`` and re-import this file, and must not pay for (or hold the memory of) torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+BENCH_DIR = Path(__file__).resolve().parent
+SLIDE_MPP = 0.25  # level-0 resolution of the generated slides (a 40× scan)
+MiB = 1024 * 1024
+RATIO_TARGET = 0.85  # issue 5, point 2
+GROWTH_TARGET = 0.20  # issue 5, point 3
+RSS_SAMPLE_S = 0.05
+WSI_EPOCH_IMAGES = 24 * 8  # wsi preset: 24 training tiles × 8 random crops per epoch
+
+
+# -------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Hardware:
+    cpu_model: str
+    logical_cores: int
+    physical_cores: int | None
+    usable_cores: int
+    load_average_1m: float  # before the benchmark started: > 0 means other work was running
+    torch_version: str
+    torch_threads: int
+    device: str
+    gpu_name: str | None
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    name: str
+    random_fallback: bool  # the default model file was absent: random weights, same compute
+    parameters: int
+    gflops_per_tile: float
+    mpp: float
+    tile_px: int
+
+
+@dataclass
+class SlideInfo:
+    path: str
+    width_px: int
+    height_px: int
+    mpp: float
+    generated: bool
+    tissue_fraction: float | None = None  # of the generated slide's area
+    nuclei_drawn: int | None = None
+    generate_seconds: float | None = None
+
+
+@dataclass
+class StageResult:
+    """One isolated stage: ``tiles`` network tiles in ``seconds``."""
+
+    tiles: int
+    seconds: float
+    tiles_per_second: float
+
+
+@dataclass
+class EndToEndResult:
+    """One ``predict_slide`` run in its own process; memory in MiB."""
+
+    slide: SlideInfo
+    tiles: int
+    seconds: float
+    tiles_per_second: float
+    tissue_area_mm2: float | None
+    seconds_per_mm2: float | None
+    nuclei: int
+    peak_before_predict_mb: float  # the child's peak after loading and warming up the model
+    peak_rss_main_mb: float  # the child's main process over its whole life (VmHWM)
+    peak_rss_worker_mb: float  # the largest reader/labelling worker process (VmHWM, sampled)
+    peak_rss_tree_mb: float  # largest sampled sum of RSS over the child and its workers
+
+
+@dataclass
+class ScaleResult:
+    """Peak memory at 1× and 4× the slide area (issue 5 point 3: growth < 20%)."""
+
+    base: EndToEndResult
+    quadruple: EndToEndResult
+    growth_main: float  # (peak 4× - peak 1×) / peak 1×, main process
+    growth_tree: float  # the same for the sampled process tree
+
+
+@dataclass
+class TrainResult:
+    """Training steps (forward, CIM sample weights, loss, backward, AdamW) on one device."""
+
+    device: str
+    batch_size: int
+    tile_px: int
+    cim: bool
+    steps: int
+    seconds: float
+    images_per_second: float
+    wsi_epoch_seconds: float  # an epoch of the wsi preset (192 crops), data loading excluded
+
+
+@dataclass
+class Settings:
+    batch_size: int
+    workers: int
+    label_workers: int
+    backend: str
+    device: str
+    threads: int | None
+    compile: bool
+    model_tiles: int
+
+
+@dataclass
+class BenchmarkResult:
+    hardware: Hardware
+    model: ModelInfo
+    settings: Settings
+    slide: SlideInfo | None = None
+    reader_only: StageResult | None = None
+    model_only: StageResult | None = None
+    end_to_end: EndToEndResult | None = None
+    ratio: float | None = None
+    scale: ScaleResult | None = None
+    train: TrainResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def stage_result(tiles: int, seconds: float) -> StageResult:
+    return StageResult(tiles, round(seconds, 3), round(tiles / seconds, 3) if seconds > 0 else 0.0)
+
+
+def pipeline_ratio(end_to_end_tps: float, reader_tps: float, model_tps: float) -> float:
+    """``end-to-end / min(reader-only, model-only)`` tiles/s: 1.0 means the pipeline runs as fast
+    as its slowest stage alone, i.e. the stages overlap perfectly."""
+    return end_to_end_tps / min(reader_tps, model_tps)
+
+
+def relative_growth(before: float, after: float) -> float:
+    """``(after - before) / before``: 0.15 means 15% more."""
+    return (after - before) / before
+
+
+# ------------------------------------------------------------------------------------- hardware
+
+
+def cpu_model_name() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_hardware(device: Any) -> Hardware:
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return Hardware(
+        cpu_model=cpu_model_name(),
+        logical_cores=os.cpu_count() or 1,
+        physical_cores=psutil.cpu_count(logical=False),
+        usable_cores=usable or 1,
+        load_average_1m=round(os.getloadavg()[0], 2),
+        torch_version=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        device=str(device),
+        gpu_name=gpu,
+    )
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+def write_random_model(path: Path) -> Path:
+    """A checkpoint of the default architecture with random weights (seeded): the same compute
+    as the shipped model, for use until ``cellseg/weights/default.safetensors`` exists."""
+    import torch
+
+    from cellseg.checkpoint import save_bundle
+    from cellseg.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig()
+    meta = {"mpp": 0.5, "tile_px": 224, "name": "random-init-default-config"}
+    save_bundle(path, build_model(config), config, meta)
+    return path
+
+
+def resolve_model(
+    model: Path | None, work_dir: Path, default: Path | None = None
+) -> tuple[Path, bool]:
+    """The checkpoint to benchmark and whether it is the random-weights fallback.
+
+    ``model`` when given; else the shipped default model; else (not shipped yet) a random
+    checkpoint of the default config written into ``work_dir``.
+    """
+    if model is not None:
+        return Path(model), False
+    if default is None:
+        from cellseg.checkpoint import default_model_path
+
+        default = default_model_path()
+    if Path(default).is_file():
+        return Path(default), False
+    return write_random_model(work_dir / "random-default-config.safetensors"), True
+
+
+def describe_model(bundle: Any, path: Path, fallback: bool) -> ModelInfo:
+    from cellseg.model import build_model, count_flops, count_parameters
+
+    reference = build_model(bundle.config)  # on the CPU: count_flops runs a CPU forward pass
+    return ModelInfo(
+        path=str(path),
+        name=bundle.name,
+        random_fallback=fallback,
+        parameters=count_parameters(reference),
+        gflops_per_tile=round(count_flops(reference, int(bundle.config.tile_px)) / 1e9, 3),
+        mpp=float(bundle.meta.get("mpp", 0.5)),
+        tile_px=int(bundle.meta.get("tile_px", bundle.config.tile_px)),
+    )
+
+
+# ---------------------------------------------------------------------------------------- slide
+
+
+def slide_side_px(size_mm: float | None, size_px: int | None) -> int:
+    """Level-0 side of the square slide: ``--size-px``, else ``--size-mm`` at 0.25 µm/px."""
+    if size_px is not None:
+        return int(size_px)
+    return round(float(size_mm) * 1000.0 / SLIDE_MPP)
+
+
+def generate_slide(path: Path, side_px: int) -> SlideInfo:
+    """Writes a square synthetic slide of ``side_px`` level-0 pixels (see synthetic_slide.py)."""
+    from synthetic_slide import write_synthetic_slide
+
+    start = time.perf_counter()
+    written = write_synthetic_slide(path, side_px, side_px, mpp=SLIDE_MPP)
+    return SlideInfo(
+        path=str(written.path),
+        width_px=written.width_px,
+        height_px=written.height_px,
+        mpp=written.mpp,
+        generated=True,
+        tissue_fraction=round(written.tissue_fraction, 4),
+        nuclei_drawn=written.nuclei,
+        generate_seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def existing_slide(path: Path, backend: str) -> SlideInfo:
+    from cellseg.slide import open_slide
+
+    with open_slide(path, backend) as slide:
+        width, height = slide.dimensions_xy
+        return SlideInfo(str(path), int(width), int(height), float(slide.mpp), generated=False)
+
+
+# ------------------------------------------------------------------------ reader and model alone
+
+
+@dataclass(frozen=True)
+class BlockRead:
+    """One read of the pipeline: a block's tissue tiles and the canvas box covering them.
+
+    Attributes:
+        block: ``(by, bx)`` block index.
+        tiles: ``(ty, tx)`` tile indices, in the order the pipeline batches them.
+        origin_yx: canvas position of the read image's top-left pixel.
+        request: what the reader workers read (level-0 origin, size at the model's mpp).
+    """
+
+    block: tuple[int, int]
+    tiles: tuple[tuple[int, int], ...]
+    origin_yx: tuple[int, int]
+    request: Any  # cellseg.readahead.ReadRequest
+
+
+def block_reads(plan: Any) -> list[BlockRead]:
+    """The pipeline's reads for a fresh run, in raster order (blocks without tissue are skipped).
+
+    Mirrors ``cellseg.pipeline._block_jobs`` and ``_read_request`` with the public geometry of
+    :class:`cellseg.tiling.TileLayout` and :class:`cellseg.tiling.Canvas`.
+    """
+    from cellseg.readahead import ReadRequest
+
+    layout = plan.layout
+    reads = []
+    for block in layout.blocks():
+        ty0, ty1, tx0, tx1 = layout.block_tiles(*block)
+        ys, xs = np.nonzero(plan.tile_mask[ty0:ty1, tx0:tx1])
+        if len(ys) == 0:
+            continue
+        tiles = tuple((ty0 + int(y), tx0 + int(x)) for y, x in zip(ys, xs, strict=True))
+        y0, y1, x0, x1 = layout.tiles_box(
+            ty0 + int(ys.min()),
+            ty0 + int(ys.max()) + 1,
+            tx0 + int(xs.min()),
+            tx0 + int(xs.max()) + 1,
+        )
+        request = ReadRequest(plan.canvas.level0_xy(x0, y0), (x1 - x0, y1 - y0), plan.model_mpp)
+        reads.append(BlockRead(block, tiles, (y0, x0), request))
+    return reads
+
+
+def cut_tiles(
+    image: np.ndarray, read: BlockRead, tile_px: int, stride_px: int
+) -> Iterator[np.ndarray]:
+    """The ``tile_px²×3`` views of a block image, as the pipeline's batcher cuts them."""
+    for ty, tx in read.tiles:
+        y, x = ty * stride_px - read.origin_yx[0], tx * stride_px - read.origin_yx[1]
+        yield image[y : y + tile_px, x : x + tile_px]
+
+
+def batched(tiles: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """``N×H×W×3`` stacks of ``batch_size`` tiles (the last may be smaller); batches span blocks."""
+    pending: list[np.ndarray] = []
+    for tile in tiles:
+        pending.append(tile)
+        if len(pending) == batch_size:
+            yield np.stack(pending)
+            pending = []
+    if pending:
+        yield np.stack(pending)
+
+
+def time_reader(
+    plan: Any, source: Any, workers: int, batch_size: int, keep_tiles: int
+) -> tuple[StageResult, list[np.ndarray]]:
+    """Reads every block as the pipeline does, cuts and batches its tiles; nothing else runs.
+
+    The worker processes are started (and open the slide) before the clock starts, with a
+    warm-up read per worker: that start-up is paid once per slide, not per tile.
+
+    Returns:
+        The timing, and the first batches (up to ``keep_tiles`` tiles) for :func:`time_model`.
+    """
+    from cellseg.readahead import RegionReader
+
+    reads = block_reads(plan)
+    layout = plan.layout
+    with RegionReader(source, workers) as reader:
+        warm_up = [(None, reads[0].request)] * (2 * max(workers, 1))
+        for _ in reader.read_ahead(warm_up):
+            pass
+        start = time.perf_counter()
+        images = reader.read_ahead((read.block, read.request) for read in reads)
+        tiles = (
+            tile
+            for read, (_, image) in zip(reads, images, strict=True)
+            for tile in cut_tiles(image, read, layout.tile_px, layout.stride_px)
+        )
+        kept: list[np.ndarray] = []
+        count = 0
+        for batch in batched(tiles, batch_size):
+            count += len(batch)
+            if count <= keep_tiles:
+                kept.append(batch)
+        seconds = time.perf_counter() - start
+    return stage_result(count, seconds), kept
+
+
+def time_model(predictor: Any, batches: Sequence[np.ndarray]) -> StageResult:
+    """Runs the predictor on in-memory batches; one warm-up call (allocator, cuDNN autotuning,
+    ``torch.compile``) is not timed. Predictor returns host arrays, so GPU work is included."""
+    predictor(batches[0])
+    start = time.perf_counter()
+    for batch in batches:
+        predictor(batch)
+    return stage_result(sum(len(b) for b in batches), time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def child_request(slide_path: Path, model_path: Path, out_dir: Path, settings: Settings) -> dict:
+    return {
+        "slide": str(slide_path),
+        "model": str(model_path),
+        "out_dir": str(out_dir),
+        "settings": dataclasses.asdict(settings),
+    }
+
+
+def child_main(request_path: str) -> None:
+    """Entry point of the end-to-end subprocess: one ``predict_slide`` run, results as JSON.
+
+    Writes ``<request>.result.json`` with the run summary, the seconds of the call and the
+    memory figures, so the peak RSS belongs to this run alone.
+    """
+    import torch
+
+    from cellseg.checkpoint import load_bundle
+    from cellseg.inference import Predictor
+    from cellseg.predict import PredictOptions, SlideOutputs, predict_slide
+
+    request = json.loads(Path(request_path).read_text())
+    settings = Settings(**request["settings"])
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    bundle = load_bundle(request["model"])
+    predictor = Predictor(bundle, device=settings.device, compile=settings.compile)
+    tile_px = predictor.tile_px
+    predictor(np.zeros((settings.batch_size, tile_px, tile_px, 3), np.uint8))  # as time_model
+    peak_before = process_peak_mb(psutil.Process())
+    out_dir = Path(request["out_dir"])
+    options = PredictOptions(
+        backend=settings.backend,
+        batch_size=settings.batch_size,
+        workers=settings.workers,
+        label_workers=settings.label_workers,
+        overwrite=True,
+    )
+    outputs = SlideOutputs(geojson=out_dir / "nuclei.geojson", zarr=out_dir / "nuclei.zarr")
+    start = time.perf_counter()
+    summary = predict_slide(request["slide"], predictor, outputs, options)
+    seconds = time.perf_counter() - start
+    result = {
+        "summary": summary,
+        "seconds": seconds,
+        "peak_before_predict_mb": peak_before,
+        "peak_rss_main_mb": process_peak_mb(psutil.Process()),
+    }
+    Path(request_path + ".result.json").write_text(json.dumps(result, default=str))
+
+
+def process_peak_mb(process: psutil.Process) -> float:
+    """Peak RSS of a live process in MiB: Linux's ``VmHWM``, else its current RSS.
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries it across ``exec``, so a process started
+    from a big parent reports the parent's peak (``VmHWM`` belongs to the new image alone).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return process.memory_info().rss / MiB
+
+
+@dataclass
+class TreeMemory:
+    """Memory of a process tree, sampled: peak per process and peak of the sum of RSS."""
+
+    root_pid: int
+    peak_by_pid: dict[int, float] = field(default_factory=dict)
+    peak_sum_mb: float = 0.0
+
+    def sample(self, root: psutil.Process) -> None:
+        total = 0.0
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += proc.memory_info().rss / MiB
+                peak = process_peak_mb(proc)
+                self.peak_by_pid[proc.pid] = max(self.peak_by_pid.get(proc.pid, 0.0), peak)
+        self.peak_sum_mb = max(self.peak_sum_mb, total)
+
+    @property
+    def largest_worker_mb(self) -> float:
+        """Largest peak among the root's descendants (0 without any)."""
+        others = (v for pid, v in self.peak_by_pid.items() if pid != self.root_pid)
+        return max(others, default=0.0)
+
+
+def run_sampled(command: list[str], log_path: Path) -> tuple[int, TreeMemory]:
+    """Runs ``command`` to completion, sampling its process tree every RSS_SAMPLE_S seconds."""
+    with open(log_path, "wb") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        memory = TreeMemory(child.pid)
+        root = psutil.Process(child.pid)
+        while child.poll() is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                memory.sample(root)
+            time.sleep(RSS_SAMPLE_S)
+    return child.returncode, memory
+
+
+def run_end_to_end(
+    slide: SlideInfo, model_path: Path, settings: Settings, work_dir: Path
+) -> EndToEndResult:
+    """``predict_slide`` in a fresh Python process (imports, model and pools of its own)."""
+    out_dir = Path(tempfile.mkdtemp(prefix="e2e-", dir=work_dir))
+    request_path = out_dir / "request.json"
+    request_path.write_text(
+        json.dumps(child_request(Path(slide.path), model_path, out_dir, settings))
+    )
+    code = (
+        f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); "
+        "from throughput import child_main; child_main(sys.argv[1])"
+    )
+    log_path = out_dir / "child.log"
+    status, memory = run_sampled([sys.executable, "-c", code, str(request_path)], log_path)
+    if status != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(f"end-to-end run failed (exit {status}):\n" + "\n".join(tail))
+    raw = json.loads(Path(str(request_path) + ".result.json").read_text())
+    raw["peak_rss_worker_mb"] = memory.largest_worker_mb
+    return end_to_end_result(slide, raw, memory.peak_sum_mb)
+
+
+def end_to_end_result(slide: SlideInfo, raw: dict, peak_tree_mb: float) -> EndToEndResult:
+    summary, seconds = raw["summary"], float(raw["seconds"])
+    tiles = int(summary["tiles_run_this_session"])
+    area = summary.get("tissue_area_mm2")
+    return EndToEndResult(
+        slide=slide,
+        tiles=tiles,
+        seconds=round(seconds, 3),
+        tiles_per_second=round(tiles / seconds, 3),
+        tissue_area_mm2=round(area, 4) if area else None,
+        seconds_per_mm2=round(seconds / area, 3) if area else None,
+        nuclei=int(summary["nuclei"]),
+        peak_before_predict_mb=round(raw["peak_before_predict_mb"], 1),
+        peak_rss_main_mb=round(raw["peak_rss_main_mb"], 1),  # the child's own, exact
+        peak_rss_worker_mb=round(raw["peak_rss_worker_mb"], 1),
+        peak_rss_tree_mb=round(max(peak_tree_mb, raw["peak_rss_main_mb"]), 1),
+    )
+
+
+def scale_result(base: EndToEndResult, quadruple: EndToEndResult) -> ScaleResult:
+    return ScaleResult(
+        base=base,
+        quadruple=quadruple,
+        growth_main=round(relative_growth(base.peak_rss_main_mb, quadruple.peak_rss_main_mb), 4),
+        growth_tree=round(relative_growth(base.peak_rss_tree_mb, quadruple.peak_rss_tree_mb), 4),
+    )
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def training_batch(batch_size: int, tile_px: int, seed: int = 0) -> tuple[Any, Any]:
+    """Synthetic training batch: ``B×3×H×W`` float images in [0, 1] and ``B×H×W`` int64 class
+    maps (``cellseg.data.class_targets`` of random discs), like one from the training loader."""
+    import torch
+    from skimage.draw import disk
+
+    from cellseg.data import class_targets
+
+    rng = np.random.default_rng(seed)
+    images = np.empty((batch_size, tile_px, tile_px, 3), np.float32)
+    targets = np.empty((batch_size, tile_px, tile_px), np.int64)
+    for i in range(batch_size):
+        labels = np.zeros((tile_px, tile_px), np.int32)
+        for label in range(1, 31):
+            centre = rng.uniform(0, tile_px, 2)
+            labels[disk(tuple(centre), rng.uniform(5, 9), shape=labels.shape)] = label
+        images[i] = np.where(labels[..., None] > 0, (88, 52, 138), (226, 156, 196))
+        targets[i] = class_targets(labels)
+    images = (images + rng.normal(0, 6, images.shape)).clip(0, 255) / 255
+    x = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.from_numpy(targets)
+
+
+def time_training(
+    config: Any,
+    device: Any,
+    batch_size: int = 8,
+    steps: int = 4,
+    use_cim: bool = True,
+    tile_px: int = 224,
+) -> TrainResult:
+    """Images/s of training steps as ``cellseg.training.Trainer.train_epoch`` runs them.
+
+    Each step: forward with the bottleneck, CIM sample weights from its pooled features (20
+    inner SGD steps), the paper's loss, backward, AdamW; bf16/fp16 autocast on CUDA as in the
+    trainer. One warm-up step is not timed. Data loading and augmentation are excluded.
+    """
+    import torch
+
+    from cellseg.causal import CIMConfig, SampleWeighting
+    from cellseg.losses import segmentation_loss
+    from cellseg.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    cim = SampleWeighting(config.widths[-1], CIMConfig(memory_size=batch_size)).to(device)
+    x, y = (t.to(device) for t in training_batch(batch_size, tile_px))
+    amp_dtype = None
+    if device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+
+    def step(iteration: int) -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, f5 = model(x, return_bottleneck=True)
+        weights = None
+        if use_cim:
+            weights = cim(f5.detach().float().mean(dim=(2, 3)), 0, iteration)
+        loss = segmentation_loss(logits, y, weights).total
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    step(0)
+    _synchronize(device)
+    start = time.perf_counter()
+    for iteration in range(1, steps + 1):
+        step(iteration)
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    images_per_second = batch_size * steps / seconds
+    return TrainResult(
+        device=str(device),
+        batch_size=batch_size,
+        tile_px=tile_px,
+        cim=use_cim,
+        steps=steps,
+        seconds=round(seconds, 3),
+        images_per_second=round(images_per_second, 3),
+        wsi_epoch_seconds=round(WSI_EPOCH_IMAGES / images_per_second, 1),
+    )
+
+
+def _synchronize(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------- printing
+
+
+def _fmt_mb(value: float) -> str:
+    return f"{value:,.0f} MiB"
+
+
+def hardware_line(hw: Hardware) -> str:
+    cores = f"{hw.logical_cores} logical / {hw.physical_cores or '?'} physical cores"
+    if hw.usable_cores != hw.logical_cores:
+        cores += f" ({hw.usable_cores} usable)"
+    gpu = f" ({hw.gpu_name})" if hw.gpu_name else ""
+    return (
+        f"hardware: {hw.cpu_model}, {cores}, load average {hw.load_average_1m} before the run; "
+        f"torch {hw.torch_version} with {hw.torch_threads} threads; device {hw.device}{gpu}"
+    )
+
+
+def model_line(info: ModelInfo) -> str:
+    line = (
+        f"model: {info.name} ({info.parameters / 1e6:.2f} M parameters, "
+        f"{info.gflops_per_tile:.2f} GFLOP per {info.tile_px} px tile at {info.mpp} µm/px) "
+        f"from {info.path}"
+    )
+    if info.random_fallback:
+        line += (
+            "\n  note: the default model cellseg/weights/default.safetensors is absent, so this "
+            "is the default config with RANDOM weights: the same network compute, but its "
+            "nuclei (post-processing load) differ from a trained model's"
+        )
+    return line
+
+
+def slide_line(slide: SlideInfo) -> str:
+    area = slide.width_px * slide.height_px * (slide.mpp / 1000) ** 2
+    line = (
+        f"slide: {slide.width_px}x{slide.height_px} px at {slide.mpp:g} µm/px "
+        f"({area:.2f} mm²) {slide.path}"
+    )
+    if slide.generated:
+        line += (
+            f"\n  generated in {slide.generate_seconds:.1f} s: synthetic H&E JPEG SVS, "
+            f"{100 * slide.tissue_fraction:.0f}% tissue, {slide.nuclei_drawn} nuclei drawn"
+        )
+    return line
+
+
+def stage_line(label: str, stage: StageResult, detail: str) -> str:
+    return (
+        f"{label:<13} {stage.tiles:6d} tiles in {stage.seconds:8.2f} s = "
+        f"{stage.tiles_per_second:8.2f} tiles/s  ({detail})"
+    )
+
+
+def end_to_end_line(e2e: EndToEndResult) -> str:
+    stage = StageResult(e2e.tiles, e2e.seconds, e2e.tiles_per_second)
+    per_mm2 = (
+        f"{e2e.seconds_per_mm2:.2f} s/mm² of tissue ({e2e.tissue_area_mm2:.3f} mm²)"
+        if e2e.seconds_per_mm2 is not None
+        else "no tissue area"
+    )
+    return stage_line(
+        "end to end", stage, f"predict_slide, GeoJSON + Zarr; {per_mm2}; {e2e.nuclei} nuclei"
+    )
+
+
+def train_line(train: TrainResult) -> str:
+    return (
+        f"training      {train.images_per_second:.2f} images/s on {train.device} (batch "
+        f"{train.batch_size}, {train.tile_px}², CIM {'on' if train.cim else 'off'}, "
+        f"{train.steps} timed steps, data loading excluded) = {train.wsi_epoch_seconds:.0f} s "
+        f"per wsi-preset epoch of {WSI_EPOCH_IMAGES} crops"
+    )
+
+
+def memory_lines(e2e: EndToEndResult) -> list[str]:
+    side = f"{e2e.slide.width_px}x{e2e.slide.height_px} px"
+    return [
+        f"peak RSS, end to end ({side} slide, {e2e.tiles} tiles):",
+        f"  main process   {_fmt_mb(e2e.peak_rss_main_mb):>11} "
+        f"(of which {_fmt_mb(e2e.peak_before_predict_mb)} before predict_slide: model loaded "
+        "and run once)",
+        f"  largest worker {_fmt_mb(e2e.peak_rss_worker_mb):>11} (reader / labelling process)",
+        f"  process tree   {_fmt_mb(e2e.peak_rss_tree_mb):>11} (sum of RSS, sampled every "
+        f"{RSS_SAMPLE_S * 1000:.0f} ms)",
+    ]
+
+
+def scale_lines(scale: ScaleResult) -> list[str]:
+    def one(label: str, e2e: EndToEndResult) -> str:
+        side = e2e.slide.width_px
+        area = side * side * (e2e.slide.mpp / 1000) ** 2
+        return (
+            f"scale test {label}: {side}² px ({area:.2f} mm², {e2e.tiles} tiles): peak RSS main "
+            f"{_fmt_mb(e2e.peak_rss_main_mb)}, tree {_fmt_mb(e2e.peak_rss_tree_mb)}"
+        )
+
+    verdict = "meets" if max(scale.growth_main, scale.growth_tree) < GROWTH_TARGET else "MISSES"
+    return [
+        one("1x", scale.base),
+        one("4x", scale.quadruple),
+        f"peak RSS growth for 4x area: main {100 * scale.growth_main:+.1f}%, tree "
+        f"{100 * scale.growth_tree:+.1f}% ({verdict} the issue 5 target < "
+        f"{100 * GROWTH_TARGET:.0f}%)",
+    ]
+
+
+def ratio_line(result: BenchmarkResult) -> str:
+    e2e, reader, model = result.end_to_end, result.reader_only, result.model_only
+    bottleneck = "reader" if reader.tiles_per_second < model.tiles_per_second else "model"
+    verdict = "meets" if result.ratio >= RATIO_TARGET else "MISSES"
+    return (
+        f"ratio end-to-end / min(reader-only, model-only) = {e2e.tiles_per_second:.2f} / "
+        f"{min(reader.tiles_per_second, model.tiles_per_second):.2f} ({bottleneck}) = "
+        f"{result.ratio:.3f} ({verdict} the issue 5 target >= {RATIO_TARGET})"
+    )
+
+
+def final_lines(result: BenchmarkResult) -> list[str]:
+    """What the run prints last: notes, training, the ratio, then the memory figures."""
+    lines = [f"note: {note}" for note in result.notes]
+    if result.train is not None:
+        lines.append(train_line(result.train))
+    if result.ratio is not None:
+        lines.append(ratio_line(result))
+    if result.end_to_end is not None:
+        lines += memory_lines(result.end_to_end)
+    if result.scale is not None:
+        lines += scale_lines(result.scale)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/throughput.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--size-mm", type=float, default=1.0, help="side of the square slide")
+    size.add_argument("--size-px", type=int, default=None, help="side in level-0 pixels")
+    size.add_argument("--slide", type=Path, default=None, help="an existing slide instead")
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint; default: shipped")
+    parser.add_argument("--batch-size", type=int, default=16, help="tiles per model call")
+    parser.add_argument("--workers", type=int, default=None, help="reader processes (0: thread)")
+    parser.add_argument("--label-workers", type=int, default=None, help="labelling processes")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--backend", default="openslide", choices=("openslide", "tiffslide"))
+    parser.add_argument(
+        "--model-tiles", type=int, default=2048, help="at most this many tiles for model-only"
+    )
+    parser.add_argument("--scale-test", action="store_true", help="also run at 4x the area")
+    parser.add_argument("--train", action="store_true", help="also time training steps")
+    parser.add_argument("--train-only", action="store_true", help="only time training steps")
+    parser.add_argument("--train-steps", type=int, default=4, help="timed training steps")
+    parser.add_argument("--train-batch", type=int, default=8, help="training batch size")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep slides/outputs here")
+    args = parser.parse_args(argv)
+    if args.scale_test and args.slide is not None:
+        parser.error("--scale-test needs a generated slide: drop --slide")
+    for name in ("batch_size", "model_tiles", "train_steps", "train_batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def make_settings(args: argparse.Namespace) -> Settings:
+    from cellseg.predict import PredictOptions, pipeline_settings
+
+    resolved = pipeline_settings(
+        PredictOptions(workers=args.workers, label_workers=args.label_workers)
+    )
+    return Settings(
+        batch_size=args.batch_size,
+        workers=resolved.workers,
+        label_workers=resolved.label_workers,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        compile=args.compile,
+        model_tiles=args.model_tiles,
+    )
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def benchmark_stages(
+    result: BenchmarkResult, predictor: Any, model_path: Path, work_dir: Path
+) -> None:
+    """Reader only, model only and end to end on ``result.slide``; fills ``result``."""
+    from cellseg.predict import PredictOptions, plan_slide
+    from cellseg.readahead import SlideSource
+    from cellseg.slide import open_slide
+
+    settings, slide_path = result.settings, Path(result.slide.path)
+    with open_slide(slide_path, settings.backend) as slide:
+        plan = plan_slide(slide, predictor, PredictOptions(backend=settings.backend))
+    layout = plan.layout
+    if not plan.tile_mask.any():
+        raise SystemExit(f"error: {slide_path}: no tissue tiles to benchmark")
+    say(
+        f"plan: {int(plan.tile_mask.sum())} tissue tiles of {layout.tile_px} px (overlap "
+        f"{layout.overlap_px} px) of {plan.tile_mask.size}, in blocks of {layout.block_px} px "
+        f"at {plan.model_mpp:g} µm/px"
+    )
+    source = SlideSource(slide_path, settings.backend)
+    result.reader_only, batches = time_reader(
+        plan, source, settings.workers, settings.batch_size, settings.model_tiles
+    )
+    workers = f"{settings.workers} worker process(es)" if settings.workers else "a reader thread"
+    say(stage_line("reader only", result.reader_only, f"{workers}, cut into batches"))
+    result.model_only = time_model(predictor, batches)
+    say(stage_line("model only", result.model_only, f"batch {settings.batch_size}, in memory"))
+    result.end_to_end = run_end_to_end(result.slide, model_path, settings, work_dir)
+    say(end_to_end_line(result.end_to_end))
+    result.ratio = round(
+        pipeline_ratio(
+            result.end_to_end.tiles_per_second,
+            result.reader_only.tiles_per_second,
+            result.model_only.tiles_per_second,
+        ),
+        4,
+    )
+
+
+def benchmark_scale(result: BenchmarkResult, model_path: Path, work_dir: Path) -> None:
+    """The end-to-end run on a slide of twice the side (4× the area)."""
+    side = 2 * result.slide.width_px
+    say(f"scale test: generating a {side}x{side} px slide (4x the area) ...")
+    big = generate_slide(work_dir / f"synthetic-{side}px.svs", side)
+    quadruple = run_end_to_end(big, model_path, result.settings, work_dir)
+    say(end_to_end_line(quadruple))
+    result.scale = scale_result(result.end_to_end, quadruple)
+
+
+def run(args: argparse.Namespace, work_dir: Path) -> BenchmarkResult:
+    import torch
+
+    from cellseg.checkpoint import load_bundle
+    from cellseg.inference import Predictor, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    hardware = describe_hardware(device)
+    say(hardware_line(hardware))
+    model_path, fallback = resolve_model(args.model, work_dir)
+    bundle = load_bundle(model_path)
+    model = describe_model(bundle, model_path, fallback)
+    say(model_line(model))
+    result = BenchmarkResult(hardware, model, make_settings(args), notes=run_notes(hardware, model))
+    if not args.train_only:
+        result.slide = benchmark_slide(args, work_dir)
+        say(slide_line(result.slide))
+        predictor = Predictor(bundle, device=args.device, compile=args.compile)
+        benchmark_stages(result, predictor, model_path, work_dir)
+        if args.scale_test:
+            benchmark_scale(result, model_path, work_dir)
+    if args.train or args.train_only:
+        result.train = time_training(bundle.config, device, args.train_batch, args.train_steps)
+        say(train_line(result.train))
+    return result
+
+
+def benchmark_slide(args: argparse.Namespace, work_dir: Path) -> SlideInfo:
+    """``--slide``, or a generated square slide of ``--size-px`` / ``--size-mm``."""
+    if args.slide is not None:
+        return existing_slide(args.slide, args.backend)
+    side = slide_side_px(args.size_mm, args.size_px)
+    return generate_slide(work_dir / f"synthetic-{side}px.svs", side)
+
+
+def run_notes(hardware: Hardware, model: ModelInfo) -> list[str]:
+    """Caveats repeated with the final figures."""
+    notes = []
+    if hardware.load_average_1m >= 0.5 * hardware.usable_cores:
+        notes.append(
+            f"load average {hardware.load_average_1m} on {hardware.usable_cores} cores before "
+            "the run: other processes share the machine, so these numbers are pessimistic"
+        )
+    if model.random_fallback:
+        notes.append("random-weights model (the default model file is absent)")
+    return notes
+
+
+def write_json(result: BenchmarkResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
+    args = parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        if args.work_dir is not None:
+            work_dir = args.work_dir
+            work_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            work_dir = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="cellseg-bench-"))
+            )
+        result = run(args, work_dir)
+    if args.json is not None:
+        write_json(result, args.json)
+        say(f"results: {args.json}")
+    say("== result ==")
+    for line in final_lines(result):
+        say(line)
+    return result
+
+
+if __name__ == "__main__":
+    main()
