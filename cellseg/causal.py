@@ -3,8 +3,8 @@
 Paper §3.2 (Fan et al., arXiv 2403.06066) builds on StableNet (Zhang et al., CVPR 2021): random
 Fourier features (RFF) of the bottleneck features, and per-batch sample weights learnt so that the
 weighted features become independent, with a global memory of earlier batches ("saving and
-reloading"). The algorithm follows SPEC.md §3-4 (a reading of StableNet's official code); this module
-is a fresh implementation of it.
+reloading"). The algorithm follows SPEC.md §3-4 (a reading of StableNet's official code); this
+module is a fresh implementation of it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def random_fourier_features(
     drawn fresh on each call. As in StableNet's code, ``ωx + φ`` is min-max normalised over the
     feature axis for each sample and scaled to [0, π/2] before cos and sin.
     """
-    n, r = x.shape
+    _n, r = x.shape
     omega = torch.randn(num_f, generator=generator, device=x.device, dtype=x.dtype) / sigma
     phase = torch.rand(r, num_f, generator=generator, device=x.device, dtype=x.dtype) * 2 * math.pi
     mid = x[:, :, None] * omega + phase  # n×r×num_f
@@ -60,8 +60,9 @@ def random_fourier_features(
 def weighted_cross_covariance_loss(rff: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Sum of squared off-diagonal weighted covariances (paper eq. 7; SPEC §3.3).
 
-    ``rff``: ``n×r×k`` features, ``weights``: ``n`` (summing to 1). For each slice ``Z = rff[..., j]``
-    ``Cov_w = (w⊙Z)ᵀZ - (Σ w Z)ᵀ(Σ w Z)`` and the loss adds ``‖Cov_w‖²_F - ‖diag Cov_w‖²``.
+    ``rff``: ``n×r×k`` features, ``weights``: ``n`` (summing to 1). For each slice
+    ``Z = rff[..., j]``: ``Cov_w = (w⊙Z)ᵀZ - (Σ w Z)ᵀ(Σ w Z)``, and the loss adds
+    ``‖Cov_w‖²_F - ‖diag Cov_w‖²``.
     """
     w = weights.reshape(-1, 1, 1)
     mean = (w * rff).sum(dim=0)  # r×k
@@ -75,12 +76,12 @@ def weighted_cross_covariance_loss(rff: torch.Tensor, weights: torch.Tensor) -> 
 
 
 class SampleWeighting(nn.Module):
-    """Per-batch sample-weight learner with a global memory (StableNet ``weight_learner``, SPEC §3.4).
+    """Per-batch sample-weight learner with a global memory (StableNet, SPEC §3.4).
 
     The memory (``memory_features``: ``N_pre×d``, ``memory_weights``: ``N_pre`` raw pre-softmax
     weights) is a pair of buffers, so it is saved with training checkpoints and restored on resume.
-    ``forward(z, epoch, iteration)`` with ``z``: ``B×d`` detached features returns ``B`` weights that
-    are positive and sum to 1. It never back-propagates into the segmentation network.
+    ``forward(z, epoch, iteration)`` with ``z``: ``B×d`` detached features returns ``B`` weights
+    that are positive and sum to 1. It never back-propagates into the segmentation network.
     """
 
     def __init__(self, feature_dim: int, cfg: CIMConfig | None = None) -> None:

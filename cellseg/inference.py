@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelBundle
+from .tiling import blend_weights, tile_origins
+
+__all__ = ["Predictor", "blend_weights", "predict_array", "resolve_device", "tile_origins"]
 
 TilePredictor = Callable[[np.ndarray], np.ndarray]
 
@@ -73,30 +76,6 @@ class Predictor:
         with self._autocast():
             logits = self.model(x)
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
-
-
-def blend_weights(tile_px: int, overlap_px: int) -> np.ndarray:
-    """Separable linear taper over the overlap: ``tile_px×tile_px`` float32 weights in (0, 1].
-
-    Weights rise from ``1/(overlap+1)`` at the tile edge to 1 at ``overlap_px`` inside, so two tiles
-    overlapping by ``overlap_px`` cross-fade and the blended sum never has a step (no seams).
-    They are > 0 everywhere, so a pixel covered by a single tile keeps its prediction exactly.
-    """
-    ramp = np.ones(tile_px, dtype=np.float32)
-    if overlap_px > 0:
-        edge = np.arange(1, overlap_px + 1, dtype=np.float32) / (overlap_px + 1)
-        ramp[:overlap_px] = edge
-        ramp[-overlap_px:] = np.minimum(ramp[-overlap_px:], edge[::-1])
-    return np.outer(ramp, ramp)
-
-
-def tile_origins(length_px: int, tile_px: int, stride_px: int) -> list[int]:
-    """Start offsets covering ``[0, length_px)`` with the last tile flush with the end."""
-    if length_px <= tile_px:
-        return [0]
-    starts = list(range(0, length_px - tile_px, stride_px))
-    starts.append(length_px - tile_px)
-    return starts
 
 
 def predict_array(

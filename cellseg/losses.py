@@ -1,8 +1,8 @@
 """Training losses of CausalCellSegmenter (paper eq. 7; SPEC.md §4 and §7).
 
 ``L = L_CIM + 0.5·Dice + 0.5·Focal``. Targets are class maps (0 background, 1 nucleus interior,
-2 nucleus boundary); Dice and the focal balancing act on "nucleus" = interior ∪ boundary, the paper's
-binary foreground, so a 2-class model gets exactly the paper's losses.
+2 nucleus boundary); Dice and the focal balancing act on "nucleus" = interior ∪ boundary, the
+paper's binary foreground, so a 2-class model gets exactly the paper's losses.
 """
 
 from __future__ import annotations
@@ -63,10 +63,7 @@ def segmentation_loss(
     the "without CIM" ablation where ``L_CIM`` is the plain cross-entropy (SPEC §4, point 6).
     """
     ce = per_image_cross_entropy(logits.float(), target)
-    if sample_weights is None:
-        cim = ce.mean()
-    else:
-        cim = (sample_weights.to(ce.dtype) * ce).sum()
+    cim = ce.mean() if sample_weights is None else (sample_weights.to(ce.dtype) * ce).sum()
     dice = soft_dice_loss(logits.float(), target)
     focal = focal_loss(logits.float(), target)
     total = cim + dice_weight * dice + (1 - dice_weight) * focal

@@ -466,7 +466,7 @@ def run_pipeline(
     """
     from tqdm import tqdm
 
-    from .inference import blend_weights
+    from .tiling import blend_weights
 
     layout = plan.layout
     active = _active_blocks(layout, journal.regions_done)

@@ -14,17 +14,40 @@ COLUMNS = ("dice", "iou", "aji", "pq", "dq", "sq")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Folder of tiles with annotations (e.g. monuseg/test).")
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
-              help="Checkpoint (.safetensors); default: the model shipped with cellseg.")
-@click.option("--protocol", type=click.Choice(["paper", "native"]), default="native",
-              show_default=True,
-              help="paper: Dice/IoU at 224 px; native: Dice/IoU/AJI/PQ at full resolution.")
-@click.option("--ids", "ids_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Only the image ids listed in this file (one per line).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
-              help="Write per-image values and mean ± std here.")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder of tiles with annotations (e.g. monuseg/test).",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Checkpoint (.safetensors); default: the model shipped with cellseg.",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["paper", "native"]),
+    default="native",
+    show_default=True,
+    help="paper: Dice/IoU at 224 px; native: Dice/IoU/AJI/PQ at full resolution.",
+)
+@click.option(
+    "--ids",
+    "ids_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Only the image ids listed in this file (one per line).",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write per-image values and mean ± std here.",
+)
 @device_option
 @user_errors
 def evaluate_command(data, model_path, protocol, ids_file, json_out, device):

@@ -10,36 +10,99 @@ from .common import device_option, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="MoNuSeg folder (with train/) or the training folder itself.")
-@click.option("--preset", type=click.Choice(["wsi", "paper"]), default="wsi", show_default=True,
-              help="wsi: 224 px crops at --mpp; paper: whole tile resized to 224 (UCTransNet).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/cellseg"),
-              show_default=True, help="Run folder: log.jsonl, best/last checkpoints.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Epoch budget (cosine length). Default 400 (paper) / 150 (wsi).")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="MoNuSeg folder (with train/) or the training folder itself.",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["wsi", "paper"]),
+    default="wsi",
+    show_default=True,
+    help="wsi: 224 px crops at --mpp; paper: whole tile resized to 224 (UCTransNet).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs/cellseg"),
+    show_default=True,
+    help="Run folder: log.jsonl, best/last checkpoints.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Epoch budget (cosine length). Default 400 (paper) / 150 (wsi).",
+)
 @click.option("--batch-size", type=click.IntRange(min=2), default=8, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate.")
-@click.option("--arch", type=click.Choice(["causal", "unet", "attention_unet"]), default="causal",
-              show_default=True, help="CausalCellSegmenter or a Table 1 baseline.")
-@click.option("--model-size", type=click.Choice(["default", "paper", "tiny"]), default="default",
-              show_default=True, help="Widths: default 16..256, paper 32..512 (SPEC §6.2).")
-@click.option("--mpp", type=float, default=0.5, show_default=True,
-              help="wsi preset: resolution of the training crops in µm/px.")
-@click.option("--patience", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Early stopping: epochs without a better validation Dice.")
-@click.option("--binary", is_flag=True,
-              help="Two classes (the paper's output) instead of adding a boundary class.")
+@click.option(
+    "--arch",
+    type=click.Choice(["causal", "unet", "attention_unet"]),
+    default="causal",
+    show_default=True,
+    help="CausalCellSegmenter or a Table 1 baseline.",
+)
+@click.option(
+    "--model-size",
+    type=click.Choice(["default", "paper", "tiny"]),
+    default="default",
+    show_default=True,
+    help="Widths: default 16..256, paper 32..512 (SPEC §6.2).",
+)
+@click.option(
+    "--mpp",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="wsi preset: resolution of the training crops in µm/px.",
+)
+@click.option(
+    "--patience",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Early stopping: epochs without a better validation Dice.",
+)
+@click.option(
+    "--binary",
+    is_flag=True,
+    help="Two classes (the paper's output) instead of adding a boundary class.",
+)
 @click.option("--no-cim", is_flag=True, help="Ablation: uniform sample weights (plain CE).")
 @click.option("--no-dac", is_flag=True, help="Ablation: CNN + Transformer backbone only.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for torch (default: torch's choice).")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch (default: torch's choice).",
+)
 @device_option
 @user_errors
-def train_command(data, preset, out_dir, epochs, batch_size, lr, arch, model_size, mpp, patience,
-                  binary, no_cim, no_dac, resume, seed, threads, device):
+def train_command(
+    data,
+    preset,
+    out_dir,
+    epochs,
+    batch_size,
+    lr,
+    arch,
+    model_size,
+    mpp,
+    patience,
+    binary,
+    no_cim,
+    no_dac,
+    resume,
+    seed,
+    threads,
+    device,
+):
     """Train on MoNuSeg with the causal (CIM) loss, keeping the best model on validation Dice.
 
     \b
@@ -50,9 +113,21 @@ def train_command(data, preset, out_dir, epochs, batch_size, lr, arch, model_siz
     from cellseg.training import TrainOptions, train
 
     opts = TrainOptions(
-        data=str(data), out=str(out_dir), preset=preset, arch=arch, model_size=model_size,
-        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, use_cim=not no_cim,
-        use_dac=not no_dac, num_classes=2 if binary else 3, mpp=mpp, device=device, seed=seed,
+        data=str(data),
+        out=str(out_dir),
+        preset=preset,
+        arch=arch,
+        model_size=model_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        patience=patience,
+        use_cim=not no_cim,
+        use_dac=not no_dac,
+        num_classes=2 if binary else 3,
+        mpp=mpp,
+        device=device,
+        seed=seed,
         threads=threads,
     )
     summary = train(opts, resume=resume)

@@ -87,9 +87,12 @@ def test_reader_stage_cuts_exactly_the_pipeline_tiles(tiny_slide, plan) -> None:
     n_tiles = int(plan.tile_mask.sum())
     assert n_tiles == 6 and sum(len(r.tiles) for r in reads) == n_tiles
     source = SlideSource(tiny_slide.path)
-    stage, batches = throughput.time_reader(plan, source, workers=0, batch_size=4, keep_tiles=99)
+    stage, batches = throughput.time_reader(plan, source, workers=0, batch_size=4, keep_batches=9)
     assert stage.tiles == n_tiles
     assert [b.shape for b in batches] == [(4, 224, 224, 3), (2, 224, 224, 3)]
+    capped, first = throughput.time_reader(plan, source, workers=0, batch_size=4, keep_batches=1)
+    assert capped.tiles == n_tiles and len(first) == 1  # all read, only the first batch kept
+    np.testing.assert_array_equal(first[0], batches[0])
     # The first tile in batch order is tile (0, 0); the last, (1, 2): both equal a direct read.
     stride = plan.layout.stride_px
     with open_slide(tiny_slide.path) as slide:

@@ -1,4 +1,4 @@
-"""CIM: RFF shape/range, the decorrelation loss, and the sample-weight learner (issue 2, point 4)."""
+"""CIM: RFF shape/range, the decorrelation loss and the sample-weight learner (issue 2 point 4)."""
 
 import math
 

@@ -88,7 +88,7 @@ def test_bundle_round_trip_and_errors(tmp_path):
         load_bundle(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a model")
-    with pytest.raises(ModelError, match="bad.safetensors"):
+    with pytest.raises(ModelError, match=r"bad\.safetensors"):
         load_bundle(bad)
     assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
 

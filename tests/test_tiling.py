@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from oracle import DiscOracle, QuarterOracle
 
-from cellseg.inference import blend_weights
 from cellseg.stitch import Stitcher
 from cellseg.store import to_uint8
 from cellseg.tiling import (
     Canvas,
     TileLayout,
+    blend_weights,
     overlap_for_mpp,
     tiles_per_block_for,
     tissue_tiles,

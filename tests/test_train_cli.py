@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from synthetic import write_monuseg
 
 from cli.main import cellseg
-
-from synthetic import write_monuseg
 
 torch.set_num_threads(1)
 
@@ -33,14 +32,33 @@ def test_version_and_help_examples():
 
 def test_train_resume_and_evaluate(monuseg, tmp_path):
     out = tmp_path / "run"
-    common = ["--data", str(monuseg), "--out", str(out), "--model-size", "tiny",
-              "--batch-size", "2", "--device", "cpu", "--threads", "1"]
+    common = [
+        "--data",
+        str(monuseg),
+        "--out",
+        str(out),
+        "--model-size",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     result = run(["train", "--preset", "paper", "--epochs", "2", *common])
     assert result.exit_code == 0, result.output
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
-    assert {"loss_total", "loss_cim", "loss_dice", "loss_focal", "val_dice",
-            "cim_weight_std", "seconds"} <= set(log[0])
+    assert {
+        "loss_total",
+        "loss_cim",
+        "loss_dice",
+        "loss_focal",
+        "val_dice",
+        "cim_weight_std",
+        "seconds",
+    } <= set(log[0])
     assert (out / "best.safetensors").is_file() and (out / "last_state.pt").is_file()
 
     # --resume continues from epoch 2 with the stored options and optimiser state
@@ -50,22 +68,61 @@ def test_train_resume_and_evaluate(monuseg, tmp_path):
     assert [r["epoch"] for r in log] == [1, 2, 3]
 
     metrics = tmp_path / "m.json"
-    result = run(["evaluate", "--data", str(monuseg / "train"), "--model",
-                  str(out / "best.safetensors"), "--protocol", "native", "--json", str(metrics)])
+    result = run(
+        [
+            "evaluate",
+            "--data",
+            str(monuseg / "train"),
+            "--model",
+            str(out / "best.safetensors"),
+            "--protocol",
+            "native",
+            "--json",
+            str(metrics),
+        ]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(metrics.read_text())
     assert {"dice", "iou", "aji", "pq", "dq", "sq"} <= set(data["summary"])
     assert len(data["per_image"]) == 5
-    result = run(["evaluate", "--data", str(monuseg / "train"), "--model",
-                  str(out / "best.safetensors"), "--protocol", "paper"])
+    result = run(
+        [
+            "evaluate",
+            "--data",
+            str(monuseg / "train"),
+            "--model",
+            str(out / "best.safetensors"),
+            "--protocol",
+            "paper",
+        ]
+    )
     assert result.exit_code == 0 and "mean" in result.output
 
 
 def test_wsi_preset_one_epoch_without_cim(monuseg, tmp_path):
     out = tmp_path / "wsi"
-    result = run(["train", "--data", str(monuseg), "--out", str(out), "--model-size", "tiny",
-                  "--batch-size", "4", "--epochs", "1", "--mpp", "0.25", "--no-cim",
-                  "--device", "cpu", "--threads", "1"])
+    result = run(
+        [
+            "train",
+            "--data",
+            str(monuseg),
+            "--out",
+            str(out),
+            "--model-size",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+            "--mpp",
+            "0.25",
+            "--no-cim",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ]
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((out / "log.jsonl").read_text())
     assert "cim_weight_std" not in record and 0.0 <= record["val_dice"] <= 1.0
