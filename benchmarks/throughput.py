@@ -172,7 +172,7 @@ class BenchmarkResult:
 
 
 def stage_result(tiles: int, seconds: float) -> StageResult:
-    return StageResult(tiles, round(seconds, 3), round(tiles / seconds, 3) if seconds > 0 else 0.0)
+    return StageResult(tiles, seconds, tiles / seconds if seconds > 0 else 0.0)
 
 
 def pipeline_ratio(end_to_end_tps: float, reader_tps: float, model_tps: float) -> float:
@@ -262,7 +262,7 @@ def describe_model(bundle: Any, path: Path, fallback: bool) -> ModelInfo:
         name=bundle.name,
         random_fallback=fallback,
         parameters=count_parameters(reference),
-        gflops_per_tile=round(count_flops(reference, int(bundle.config.tile_px)) / 1e9, 3),
+        gflops_per_tile=count_flops(reference, int(bundle.config.tile_px)) / 1e9,
         mpp=float(bundle.meta.get("mpp", 0.5)),
         tile_px=int(bundle.meta.get("tile_px", bundle.config.tile_px)),
     )
@@ -290,9 +290,9 @@ def generate_slide(path: Path, side_px: int) -> SlideInfo:
         height_px=written.height_px,
         mpp=written.mpp,
         generated=True,
-        tissue_fraction=round(written.tissue_fraction, 4),
+        tissue_fraction=written.tissue_fraction,
         nuclei_drawn=written.nuclei,
-        generate_seconds=round(time.perf_counter() - start, 2),
+        generate_seconds=time.perf_counter() - start,
     )
 
 
@@ -552,15 +552,15 @@ def end_to_end_result(slide: SlideInfo, raw: dict, peak_tree_mb: float) -> EndTo
     return EndToEndResult(
         slide=slide,
         tiles=tiles,
-        seconds=round(seconds, 3),
-        tiles_per_second=round(tiles / seconds, 3),
-        tissue_area_mm2=round(area, 4) if area else None,
-        seconds_per_mm2=round(seconds / area, 3) if area else None,
+        seconds=seconds,
+        tiles_per_second=tiles / seconds,
+        tissue_area_mm2=area or None,
+        seconds_per_mm2=seconds / area if area else None,
         nuclei=int(summary["nuclei"]),
-        peak_before_predict_mb=round(raw["peak_before_predict_mb"], 1),
-        peak_rss_main_mb=round(raw["peak_rss_main_mb"], 1),  # the child's own, exact
-        peak_rss_worker_mb=round(raw["peak_rss_worker_mb"], 1),
-        peak_rss_tree_mb=round(max(peak_tree_mb, raw["peak_rss_main_mb"]), 1),
+        peak_before_predict_mb=raw["peak_before_predict_mb"],
+        peak_rss_main_mb=raw["peak_rss_main_mb"],  # the child's own, exact
+        peak_rss_worker_mb=raw["peak_rss_worker_mb"],
+        peak_rss_tree_mb=max(peak_tree_mb, raw["peak_rss_main_mb"]),
     )
 
 
@@ -568,8 +568,8 @@ def scale_result(base: EndToEndResult, quadruple: EndToEndResult) -> ScaleResult
     return ScaleResult(
         base=base,
         quadruple=quadruple,
-        growth_main=round(relative_growth(base.peak_rss_main_mb, quadruple.peak_rss_main_mb), 4),
-        growth_tree=round(relative_growth(base.peak_rss_tree_mb, quadruple.peak_rss_tree_mb), 4),
+        growth_main=relative_growth(base.peak_rss_main_mb, quadruple.peak_rss_main_mb),
+        growth_tree=relative_growth(base.peak_rss_tree_mb, quadruple.peak_rss_tree_mb),
     )
 
 
@@ -655,9 +655,9 @@ def time_training(
         tile_px=tile_px,
         cim=use_cim,
         steps=steps,
-        seconds=round(seconds, 3),
-        images_per_second=round(images_per_second, 3),
-        wsi_epoch_seconds=round(WSI_EPOCH_IMAGES / images_per_second, 1),
+        seconds=seconds,
+        images_per_second=images_per_second,
+        wsi_epoch_seconds=WSI_EPOCH_IMAGES / images_per_second,
     )
 
 
@@ -901,13 +901,10 @@ def benchmark_stages(
     say(stage_line("model only", result.model_only, f"batch {settings.batch_size}, in memory"))
     result.end_to_end = run_end_to_end(result.slide, model_path, settings, work_dir)
     say(end_to_end_line(result.end_to_end))
-    result.ratio = round(
-        pipeline_ratio(
-            result.end_to_end.tiles_per_second,
-            result.reader_only.tiles_per_second,
-            result.model_only.tiles_per_second,
-        ),
-        4,
+    result.ratio = pipeline_ratio(
+        result.end_to_end.tiles_per_second,
+        result.reader_only.tiles_per_second,
+        result.model_only.tiles_per_second,
     )
 
 

@@ -135,21 +135,13 @@ def test_random_model_fallback_only_when_the_default_is_absent(tmp_path, tiny_mo
     assert throughput.resolve_model(tiny_model, tmp_path) == (tiny_model, False)
 
 
-def test_training_throughput_counts_images() -> None:
-    result = throughput.time_training(
-        ModelConfig.tiny(), torch.device("cpu"), batch_size=2, steps=1
-    )
-    assert result.cim and result.steps == 1 and result.tile_px == 224
-    assert result.images_per_second == pytest.approx(2 / result.seconds, rel=0.01)
-    assert result.wsi_epoch_seconds == pytest.approx(192 / result.images_per_second, abs=0.1)
-
-
 def test_script_prints_ratio_and_memory_last(tmp_path, tiny_model, capsys) -> None:
     out = tmp_path / "bench.json"
     argv = ["--size-px", "960", "--model", str(tiny_model), "--threads", "1", "--workers", "0"]
     argv += ["--batch-size", "4", "--json", str(out), "--work-dir", str(tmp_path / "work")]
+    argv += ["--train", "--train-steps", "1", "--train-batch", "2"]
     result = throughput.main(argv)
-    e2e = result.end_to_end
+    e2e, train = result.end_to_end, result.train
     assert result.reader_only.tiles == result.model_only.tiles == e2e.tiles == 9  # 3×3
     expected = e2e.tiles_per_second / min(
         result.reader_only.tiles_per_second, result.model_only.tiles_per_second
@@ -159,11 +151,15 @@ def test_script_prints_ratio_and_memory_last(tmp_path, tiny_model, capsys) -> No
     assert e2e.tissue_area_mm2 == pytest.approx(0.24**2 * 0.82, rel=0.2)  # 82% tissue
     assert list((tmp_path / "work").glob("e2e-*/nuclei.geojson"))
     assert list((tmp_path / "work").glob("e2e-*/nuclei.zarr"))
+    assert train.cim and (train.batch_size, train.steps, train.tile_px) == (2, 1, 224)
+    assert train.images_per_second == pytest.approx(2 / train.seconds)
+    assert train.wsi_epoch_seconds == pytest.approx(192 / train.images_per_second)
     lines = capsys.readouterr().out.strip().splitlines()
     tail = lines[lines.index("== result ==") + 1 :]
     tail = [line for line in tail if not line.startswith("note:")]
-    assert tail[0].startswith("ratio end-to-end / min(reader-only, model-only) = ")
-    assert tail[1].startswith("peak RSS, end to end") and "process tree" in tail[-1]
+    assert tail[0].startswith("training ") and "images/s" in tail[0]
+    assert tail[1].startswith("ratio end-to-end / min(reader-only, model-only) = ")
+    assert tail[2].startswith("peak RSS, end to end") and "process tree" in tail[-1]
     saved = json.loads(out.read_text())
     assert saved["ratio"] == result.ratio and saved["end_to_end"]["tiles"] == 9
     assert saved["hardware"]["torch_threads"] == 1
