@@ -11,8 +11,9 @@ see ``synthetic_slide.py``) this script measures:
 3. **end to end**: ``cellseg.predict.predict_slide`` (the function behind ``cellseg predict``),
    GeoJSON and Zarr outputs on, in a fresh subprocess, in tiles/s and in seconds per mm² of
    tissue (the model runs at its own mpp, 0.5 µm/px for the shipped model);
-4. **peak resident memory** of that run: the exact peak of its main process and of its largest
-   worker process (``getrusage``), and the sampled peak of the whole process tree (psutil);
+4. **peak resident memory** of that run: the peak of its main process and of its largest
+   worker process (Linux ``VmHWM``), and the sampled peak of the whole process tree's summed
+   RSS (psutil);
 
 and prints, last, the ratio ``end-to-end / min(reader-only, model-only)`` (issue 5 asks for at
 least 0.85) and the memory figures. ``--scale-test`` repeats the end-to-end run on a slide of 4×
@@ -60,11 +61,13 @@ WSI_EPOCH_IMAGES = 24 * 8  # wsi preset: 24 training tiles × 8 random crops per
 
 @dataclass
 class Hardware:
+    """Where the numbers were measured."""
+
     cpu_model: str
     logical_cores: int
     physical_cores: int | None
     usable_cores: int
-    load_average_1m: float  # before the benchmark started: > 0 means other work was running
+    load_average_1m: float  # before the run; near the core count: other work shares the CPU
     torch_version: str
     torch_threads: int
     device: str
@@ -73,17 +76,20 @@ class Hardware:
 
 @dataclass
 class ModelInfo:
+    """The checkpoint benchmarked."""
+
     path: str
     name: str
     random_fallback: bool  # the default model file was absent: random weights, same compute
     parameters: int
-    gflops_per_tile: float
     mpp: float
     tile_px: int
 
 
 @dataclass
 class SlideInfo:
+    """The slide benchmarked (generated, or ``--slide``); sizes at level 0."""
+
     path: str
     width_px: int
     height_px: int
@@ -146,6 +152,8 @@ class TrainResult:
 
 @dataclass
 class Settings:
+    """The throughput options, with the pipeline's machine-dependent defaults resolved."""
+
     batch_size: int
     workers: int
     label_workers: int
@@ -158,6 +166,8 @@ class Settings:
 
 @dataclass
 class BenchmarkResult:
+    """Everything one run measured (``--json`` writes it); None for stages not run."""
+
     hardware: Hardware
     model: ModelInfo
     settings: Settings
@@ -254,15 +264,13 @@ def resolve_model(
 
 
 def describe_model(bundle: Any, path: Path, fallback: bool) -> ModelInfo:
-    from cellseg.model import build_model, count_flops, count_parameters
+    from cellseg.model import count_parameters
 
-    reference = build_model(bundle.config)  # on the CPU: count_flops runs a CPU forward pass
     return ModelInfo(
         path=str(path),
         name=bundle.name,
         random_fallback=fallback,
-        parameters=count_parameters(reference),
-        gflops_per_tile=count_flops(reference, int(bundle.config.tile_px)) / 1e9,
+        parameters=count_parameters(bundle.model),
         mpp=float(bundle.meta.get("mpp", 0.5)),
         tile_px=int(bundle.meta.get("tile_px", bundle.config.tile_px)),
     )
@@ -377,19 +385,20 @@ def time_reader(
 ) -> tuple[StageResult, list[np.ndarray]]:
     """Reads every block as the pipeline does, cuts and batches its tiles; nothing else runs.
 
-    The worker processes are started (and open the slide) before the clock starts, with a
-    warm-up read per worker: that start-up is paid once per slide, not per tile.
+    The worker processes are started (and open the slide) before the clock starts, with tiny
+    warm-up reads: that start-up is paid once per slide, not per tile. (Warming up with a
+    whole block would leave it in OpenSlide's tile cache and flatter the timed reads.)
 
     Returns:
         The timing, and the first ``keep_batches`` batches, for :func:`time_model`.
     """
-    from cellseg.readahead import RegionReader
+    from cellseg.readahead import ReadRequest, RegionReader
 
     reads = block_reads(plan)
     layout = plan.layout
     with RegionReader(source, workers) as reader:
-        warm_up = [(None, reads[0].request)] * (2 * max(workers, 1))
-        for _ in reader.read_ahead(warm_up):
+        tiny = ReadRequest(reads[0].request.origin_xy, (16, 16), plan.model_mpp)
+        for _ in reader.read_ahead([(None, tiny)] * (2 * max(workers, 1))):
             pass
         start = time.perf_counter()
         images = reader.read_ahead((read.block, read.request) for read in reads)
@@ -487,15 +496,24 @@ def process_peak_mb(process: psutil.Process) -> float:
 
 @dataclass
 class TreeMemory:
-    """Memory of a process tree, sampled: peak per process and peak of the sum of RSS."""
+    """Memory of a process tree, sampled: peak per process and peak of the sum of RSS.
+
+    A process counts from the second sample that sees it: right after ``fork`` (or during a
+    ``vfork``), before its ``exec``, it still shows its parent's memory. ``VmHWM`` only grows,
+    so skipping the first sighting loses nothing but processes younger than one interval.
+    """
 
     root_pid: int
     peak_by_pid: dict[int, float] = field(default_factory=dict)
     peak_sum_mb: float = 0.0
+    seen: set[int] = field(default_factory=set)
 
     def sample(self, root: psutil.Process) -> None:
         total = 0.0
         for proc in [root, *root.children(recursive=True)]:
+            if proc.pid not in self.seen:
+                self.seen.add(proc.pid)
+                continue
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 total += proc.memory_info().rss / MiB
                 peak = process_peak_mb(proc)
@@ -682,15 +700,15 @@ def hardware_line(hw: Hardware) -> str:
     gpu = f" ({hw.gpu_name})" if hw.gpu_name else ""
     return (
         f"hardware: {hw.cpu_model}, {cores}, load average {hw.load_average_1m} before the run; "
-        f"torch {hw.torch_version} with {hw.torch_threads} threads; device {hw.device}{gpu}"
+        f"torch {hw.torch_version} with {hw.torch_threads} thread"
+        f"{'s' if hw.torch_threads != 1 else ''}; device {hw.device}{gpu}"
     )
 
 
 def model_line(info: ModelInfo) -> str:
     line = (
-        f"model: {info.name} ({info.parameters / 1e6:.2f} M parameters, "
-        f"{info.gflops_per_tile:.2f} GFLOP per {info.tile_px} px tile at {info.mpp} µm/px) "
-        f"from {info.path}"
+        f"model: {info.name} ({info.parameters / 1e6:.2f} M parameters, {info.tile_px} px tiles "
+        f"at {info.mpp} µm/px) from {info.path}"
     )
     if info.random_fallback:
         line += (
@@ -747,9 +765,8 @@ def memory_lines(e2e: EndToEndResult) -> list[str]:
     side = f"{e2e.slide.width_px}x{e2e.slide.height_px} px"
     return [
         f"peak RSS, end to end ({side} slide, {e2e.tiles} tiles):",
-        f"  main process   {_fmt_mb(e2e.peak_rss_main_mb):>11} "
-        f"(of which {_fmt_mb(e2e.peak_before_predict_mb)} before predict_slide: model loaded "
-        "and run once)",
+        f"  main process   {_fmt_mb(e2e.peak_rss_main_mb):>11} (peak before predict_slide, "
+        f"model loaded and run once: {_fmt_mb(e2e.peak_before_predict_mb)})",
         f"  largest worker {_fmt_mb(e2e.peak_rss_worker_mb):>11} (reader / labelling process)",
         f"  process tree   {_fmt_mb(e2e.peak_rss_tree_mb):>11} (sum of RSS, sampled every "
         f"{RSS_SAMPLE_S * 1000:.0f} ms)",
@@ -869,6 +886,7 @@ def benchmark_stages(
     result: BenchmarkResult, predictor: Any, model_path: Path, work_dir: Path
 ) -> None:
     """Reader only, model only and end to end on ``result.slide``; fills ``result``."""
+    from cellseg.errors import CellsegError
     from cellseg.predict import PredictOptions, plan_slide
     from cellseg.readahead import SlideSource
     from cellseg.slide import open_slide
@@ -878,7 +896,7 @@ def benchmark_stages(
         plan = plan_slide(slide, predictor, PredictOptions(backend=settings.backend))
     layout = plan.layout
     if not plan.tile_mask.any():
-        raise SystemExit(f"error: {slide_path}: no tissue tiles to benchmark")
+        raise CellsegError(f"{slide_path}: no tissue tiles to benchmark")
     say(
         f"plan: {int(plan.tile_mask.sum())} tissue tiles of {layout.tile_px} px (overlap "
         f"{layout.overlap_px} px) of {plan.tile_mask.size}, in blocks of {layout.block_px} px "
@@ -895,7 +913,8 @@ def benchmark_stages(
     result.reader_only, batches = time_reader(
         plan, source, settings.workers, settings.batch_size, settings.model_batches
     )
-    workers = f"{settings.workers} worker process(es)" if settings.workers else "a reader thread"
+    n = settings.workers
+    workers = f"{n} reader process{'es' if n > 1 else ''}" if n else "a reader thread"
     say(stage_line("reader only", result.reader_only, f"{workers}, cut into batches"))
     result.model_only = time_model(predictor, batches)
     say(stage_line("model only", result.model_only, f"batch {settings.batch_size}, in memory"))
@@ -974,6 +993,8 @@ def write_json(result: BenchmarkResult, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
+    from cellseg.errors import CellsegError
+
     args = parse_args(argv)
     with contextlib.ExitStack() as stack:
         if args.work_dir is not None:
@@ -983,7 +1004,11 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
             work_dir = Path(
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="cellseg-bench-"))
             )
-        result = run(args, work_dir)
+        try:
+            result = run(args, work_dir)
+        except CellsegError as exc:  # a bad --slide, --model or --device: one line, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     if args.json is not None:
         write_json(result, args.json)
         say(f"results: {args.json}")
