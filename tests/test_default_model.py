@@ -30,7 +30,8 @@ def test_default_model_finds_nuclei_on_the_cmu_fixture(cmu_slide):
         # a cellular area of the CC0 Aperio fixture (level-0 px), read at the model's 0.5 µm/px
         image = slide.read_region_at_mpp((900, 1900), (224, 224), predictor.mpp)
     probs = predict_array(image, predictor, 224, 0)
-    labels = label_instances(probs, predictor.mpp, PostProcess.from_dict(bundle.meta["postprocess"]))
+    post = PostProcess.from_dict(bundle.meta["postprocess"])
+    labels = label_instances(probs, predictor.mpp, post)
     n = int(labels.max())
     fg = float((labels > 0).mean())
     assert 10 <= n <= 200, n  # ~50 nuclei are visible in this 112 µm square
