@@ -109,8 +109,8 @@ def tune_postprocess(
     bundle: ModelBundle,
     samples: list[Sample],
     device: str = "auto",
-    fg_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6),
-    marker_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7),
+    fg_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8),
+    marker_thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9),
     progress: bool = True,
 ) -> tuple[PostProcess, list[dict]]:
     """Grid-searches the watershed thresholds for the best mean AJI on *validation* tiles.
