@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from shapely.geometry import Polygon
 
-from .geojson import mask_polygon, polygon_measurements
+from .geojson import label_polygons, mask_polygon, measure_polygons
 from .instances import PostProcess, label_instances
 from .tiling import Box
 
@@ -86,31 +86,44 @@ def owned_nuclei(
     n = int(labels.max()) if labels.size else 0
     if n == 0:
         return [], 0
-    flat = labels.ravel()
-    height, width = labels.shape
-    rows = np.repeat(np.arange(height, dtype=np.float64), width)
-    cols = np.tile(np.arange(width, dtype=np.float64), height)
-    count = np.bincount(flat, minlength=n + 1).astype(np.int64)
-    # Exact integer sums (float64 is exact below 2**53), then integer floor division.
-    row_sum = np.bincount(flat, weights=rows, minlength=n + 1).astype(np.int64)
-    col_sum = np.bincount(flat, weights=cols, minlength=n + 1).astype(np.int64)
-    prob_sum = np.bincount(flat, weights=nucleus_prob.ravel(), minlength=n + 1)
+    count, row_sum, col_sum, prob_sum = _pixel_sums(labels, nucleus_prob, n)
+    boxes = ndi.find_objects(labels)
+    present = np.flatnonzero(count[1:]) + 1
     wy0, _, wx0, _ = window
+    # Exact integer centroids in canvas pixels (integer floor division).
+    cy = (wy0 * count[present] + row_sum[present]) // count[present]
+    cx = (wx0 * count[present] + col_sum[present]) // count[present]
+    mine = present[(core[0] <= cy) & (cy < core[1]) & (core[2] <= cx) & (cx < core[3])]
     owned: list[OwnedNucleus] = []
     dropped = 0
-    for index, slices in enumerate(ndi.find_objects(labels), start=1):
-        if slices is None or count[index] == 0:
-            continue
-        cy = (wy0 * count[index] + row_sum[index]) // count[index]
-        cx = (wx0 * count[index] + col_sum[index]) // count[index]
-        if not (core[0] <= cy < core[1] and core[2] <= cx < core[3]):
-            continue
+    for index in mine.tolist():
+        slices = boxes[index - 1]
         if _touches_inner_side(slices, labels.shape, window, canvas_hw):
             dropped += 1
             continue
         mean = float(prob_sum[index] / count[index])
         owned.append(OwnedNucleus(index, slices, int(count[index]), mean))
     return owned, dropped
+
+
+def _pixel_sums(
+    labels: np.ndarray, nucleus_prob: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per label 0..n: pixel count, sums of row and column indices (int64), probability sum.
+
+    Only foreground pixels are visited, in raster order; index sums are exact (float64 is exact
+    below 2**53) and the probability sums add the same values in the same order as a bincount
+    over the whole map would.
+    """
+    flat = labels.ravel()
+    foreground = np.flatnonzero(flat)
+    ids = flat[foreground]
+    rows, cols = np.divmod(foreground, labels.shape[1])
+    count = np.bincount(ids, minlength=n + 1).astype(np.int64)
+    row_sum = np.bincount(ids, weights=rows, minlength=n + 1).astype(np.int64)
+    col_sum = np.bincount(ids, weights=cols, minlength=n + 1).astype(np.int64)
+    prob_sum = np.bincount(ids, weights=nucleus_prob.ravel()[foreground], minlength=n + 1)
+    return count, row_sum, col_sum, prob_sum
 
 
 def _touches_inner_side(
@@ -133,6 +146,9 @@ def nucleus_outline(
     offset_xy: tuple[float, float],
 ) -> Polygon | None:
     """The nucleus's polygon in QuPath level-0 pixels, or None when degenerate.
+
+    :func:`extract_region` outlines all owned nuclei of a window with one
+    :func:`cellseg.geojson.label_polygons` call, which gives this same polygon for each.
 
     Args:
         labels: the window's label map.
@@ -195,12 +211,19 @@ def extract_region(
     probs = probabilities_from_store(nucleus_u8, interior_u8)
     labels = label_instances(probs, job.model_mpp, job.params)
     owned, dropped = owned_nuclei(labels, 1.0 - probs[0], job.window, job.core, job.canvas_hw)
+    polygons = label_polygons(
+        labels,
+        [nucleus.local_label for nucleus in owned],
+        (job.window[2], job.window[0]),
+        job.scale,
+        job.offset_xy,
+    )
+    outlined = [nucleus for nucleus in owned if nucleus.local_label in polygons]
+    outlines = [polygons[nucleus.local_label] for nucleus in outlined]
     nuclei = []
-    for nucleus in owned:
-        polygon = nucleus_outline(labels, nucleus, job.window, job.scale, job.offset_xy)
-        if polygon is None:
-            continue
-        values = polygon_measurements(polygon, job.slide_mpp)
+    for nucleus, polygon, values in zip(
+        outlined, outlines, measure_polygons(outlines, job.slide_mpp), strict=True
+    ):
         values[PROBABILITY_KEY] = round(nucleus.mean_probability, 4)
         nuclei.append((nucleus.local_label, polygon, values))
     return RegionNuclei(labels if job.keep_labels else None, nuclei, dropped)

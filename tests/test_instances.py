@@ -8,9 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from cellseg import metrics
-from cellseg.instances import PostProcess, label_instances, nucleus_probability
+from cellseg.instances import (
+    PostProcess,
+    _fill_instance_holes,
+    label_instances,
+    nucleus_probability,
+)
 
 MONUSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg"
 
@@ -135,6 +141,66 @@ def test_fill_holes():
     np.testing.assert_array_equal(filled, disc.astype(np.int32))
     kept = label_instances(probs, mpp=0.5, params=PostProcess(fill_holes=False))
     np.testing.assert_array_equal(kept, (disc & ~hole).astype(np.int32))
+
+
+def test_hole_filling_by_hand():
+    labels = np.array(
+        [
+            [1, 1, 1, 2, 2, 2, 0, 3, 3, 3],
+            [1, 0, 2, 2, 0, 2, 0, 3, 0, 3],
+            [1, 1, 1, 2, 2, 2, 0, 3, 3, 3],
+        ],
+        dtype=np.int32,
+    )
+    expected = labels.copy()
+    expected[1, 4] = 2  # enclosed by 2 alone
+    expected[1, 8] = 3  # enclosed by 3 alone
+    # (1, 1) is enclosed by 1 and 2 together, by neither alone: it stays background.
+    np.testing.assert_array_equal(_fill_instance_holes(labels.copy()), expected)
+
+
+def test_hole_enclosed_by_nested_instances_goes_to_the_lowest_label():
+    labels = np.zeros((9, 9), np.int32)
+    labels[[0, -1], :] = labels[:, [0, -1]] = 1  # a ring of 1 around a ring of 2
+    labels[2:7, 2:7] = 2
+    labels[3:6, 3:6] = 0
+    filled = _fill_instance_holes(labels.copy())
+    assert (filled[1, 1:-1] == 1).all()  # the gap between the rings: enclosed by 1 only
+    assert (filled[3:6, 3:6] == 1).all()  # inside ring 2 and ring 1: the lower label
+    assert (filled[2:7, 2:7] != 0).all()
+
+
+def _fill_each_instance(labels: np.ndarray) -> np.ndarray:
+    """Reference: ``binary_fill_holes`` of every instance's crop, in label order."""
+    for index, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is not None:
+            crop = labels[box]
+            crop[ndi.binary_fill_holes(crop == index) & (crop == 0)] = index
+    return labels
+
+
+def test_hole_filling_equals_filling_each_instance_alone():
+    rng = np.random.default_rng(3)
+    changed = 0
+    for _ in range(400):
+        shape = tuple(rng.integers(1, 16, size=2))
+        labels = rng.integers(0, rng.integers(2, 7), size=shape).astype(np.int32)
+        if rng.random() < 0.5:  # 2×2 blocks: rings, nested rings, shared enclosures
+            labels = np.kron(labels, np.ones((2, 2), np.int32))[: shape[0], : shape[1]].copy()
+        expected = _fill_each_instance(labels.copy())
+        np.testing.assert_array_equal(_fill_instance_holes(labels.copy()), expected)
+        changed += not np.array_equal(expected, labels)
+    assert changed > 20  # the maps do have holes to fill
+
+
+def test_speckle_keeps_only_objects_above_the_area_limit():
+    # Random probabilities (an untrained model): ~10^4 specks in a 200×200 map.
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=(200, 200)).transpose(2, 0, 1).astype(np.float32)
+    labels = label_instances(probs, mpp=0.5, params=PostProcess())
+    areas = np.bincount(labels.ravel())[1:]
+    assert len(areas) > 100 and areas.min() >= 12  # 3 µm² at 0.5 µm/px
+    np.testing.assert_array_equal(np.unique(labels), np.arange(len(areas) + 1))
 
 
 def test_two_channel_fallback_splits_overlapping_discs():
