@@ -10,14 +10,20 @@ holds more than a few blocks:
    in memory and run through the predictor in batches that span blocks;
 3. **post-processing** (one thread, :class:`_PostProcessor`): tile probabilities are blended
    into final cells (:mod:`cellseg.stitch`) and written to Zarr (:mod:`cellseg.store`); each
-   region, once its 3×3 block neighbourhood is done, is labelled on core + halo (in
-   ``label_workers`` processes when there are cores to spare), keeps the nuclei it owns
-   (:mod:`cellseg.nuclei`), and is committed in raster order: ids, ``labels``, GeoJSON, journal.
+   region, as soon as its block is done (:meth:`cellseg.tiling.TileLayout.region_blocks`), is
+   labelled on core + halo (in ``label_workers`` processes when there are cores to spare), keeps
+   the nuclei it owns (:mod:`cellseg.nuclei`), and is committed in raster order: ids,
+   ``labels``, GeoJSON, journal.
+
+Every stage records where its time went (:class:`PipelineStats`: busy and waiting seconds), so
+that a pipeline slower than its slowest stage can be explained from the run summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -25,9 +31,10 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,6 +115,56 @@ class SlidePlan:
         return self.area_xywh[2] * self.area_xywh[3] * (self.slide_mpp / 1000.0) ** 2
 
 
+@dataclass
+class PipelineStats:
+    """Where one :func:`run_pipeline` call spent its time, in seconds.
+
+    *Busy* is time a stage worked, *wait* time it was blocked on another stage. The inference
+    thread's waits tell what held the model back: reading (``reader_wait_s``) or
+    post-processing (``queue_wait_s``, blocked on the full queue to it). The post-processing
+    thread's busy times add up to ``post_busy_s``; ``label_wait_s`` is time it waited for
+    labelling processes, ``post_wait_s`` time it had nothing to do. ``tail_s`` runs from the
+    last model call to the end: post-processing that did not overlap inference.
+    """
+
+    tiles_run: int = 0
+    wall_s: float = 0.0
+    reader_wait_s: float = 0.0  # inference thread waiting for the read-ahead
+    batch_busy_s: float = 0.0  # stacking tiles into batches
+    model_busy_s: float = 0.0  # predictor calls
+    queue_wait_s: float = 0.0  # inference thread blocked on the full post-processing queue
+    post_wait_s: float = 0.0  # post-processing thread idle, waiting for messages
+    stitch_busy_s: float = 0.0  # blending and probability writes
+    label_busy_s: float = 0.0  # labelling inline, or reading windows and submitting them
+    label_wait_s: float = 0.0  # waiting for labelling processes
+    commit_busy_s: float = 0.0  # ids, label writes, GeoJSON, journal
+    tail_s: float = 0.0  # after the last model call
+
+    @property
+    def post_busy_s(self) -> float:
+        return self.stitch_busy_s + self.label_busy_s + self.commit_busy_s
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """The fields rounded to milliseconds, plus ``post_busy_s`` and ``model_share`` (model
+        busy / wall: 1.0 when nothing but the model limits the pipeline)."""
+        out: dict[str, float | int | None] = {
+            k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()
+        }
+        out["post_busy_s"] = round(self.post_busy_s, 3)
+        out["model_share"] = round(self.model_busy_s / self.wall_s, 3) if self.wall_s else None
+        return out
+
+
+@contextmanager
+def _timed(stats: PipelineStats, field: str) -> Iterator[None]:
+    """Adds the seconds spent in the ``with`` body to ``stats.<field>``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        setattr(stats, field, getattr(stats, field) + time.perf_counter() - start)
+
+
 # ------------------------------------------------------------------------------ post-processing
 
 
@@ -117,7 +174,9 @@ class _PostProcessor:
     Runs in its own thread, fed in block raster order by :class:`_PostThread`. Labelling (the
     CPU-heavy watershed and polygon work, :func:`cellseg.nuclei.extract_region`) runs inline or
     in ``label_workers`` processes; results are committed strictly in region order, which makes
-    the nucleus ids, the Zarr labels and the journal independent of timing.
+    the nucleus ids, the Zarr labels and the journal independent of timing. A region is
+    submitted as soon as the blocks its window depends on are done, which is right after its
+    own block (:meth:`cellseg.tiling.TileLayout.region_blocks`).
     """
 
     def __init__(
@@ -130,8 +189,10 @@ class _PostProcessor:
         weights: np.ndarray,
         label_workers: int,
         on_region: Callable[[int, int], None] | None,
+        stats: PipelineStats,
     ) -> None:
         self.plan = plan
+        self.stats = stats
         self.layout = plan.layout
         self.store = store
         self.journal = journal
@@ -142,21 +203,22 @@ class _PostProcessor:
         self.stitcher = Stitcher(plan.layout, plan.num_classes, weights, active)
         self.done = np.zeros(plan.layout.n_blocks_yx, dtype=bool)
         self.regions = list(plan.layout.blocks())
+        self.region_blocks = [plan.layout.region_blocks(*r) for r in self.regions]
         self.next_region = journal.regions_done  # next region to submit
         counts = plan.block_tile_counts
-        self.region_has_tiles = [
-            any(counts[b] > 0 for b in plan.layout.neighbourhood(*r)) for r in self.regions
-        ]
+        self.region_has_tiles = [any(counts[b] > 0 for b in deps) for deps in self.region_blocks]
         self.pool = _label_pool(label_workers)
         self.max_in_flight = 2 * label_workers
         self.in_flight: deque[tuple[tuple[int, int], Future | RegionNuclei | None]] = deque()
 
     def add_tiles(self, block: tuple[int, int], tiles: list, probs: np.ndarray) -> None:
-        self.stitcher.add_tiles(block, tiles, probs)
+        with _timed(self.stats, "stitch_busy_s"):
+            self.stitcher.add_tiles(block, tiles, probs)
 
     def finish_block(self, block: tuple[int, int]) -> None:
-        for cell in self.stitcher.finish_block(block):
-            self.store.write_probabilities(cell.box, cell.probs)
+        with _timed(self.stats, "stitch_busy_s"):
+            cells = self.stitcher.finish_block(block)
+            self.store.write_cells([(cell.box, cell.probs) for cell in cells])
         self.done[block] = True
         self._submit_ready_regions()
 
@@ -178,7 +240,7 @@ class _PostProcessor:
     def _submit_ready_regions(self) -> None:
         while self.next_region < len(self.regions):
             region = self.regions[self.next_region]
-            if not all(self.done[b] for b in self.layout.neighbourhood(*region)):
+            if not all(self.done[b] for b in self.region_blocks[self.next_region]):
                 break
             self.in_flight.append((region, self._submit(region, self.next_region)))
             self.next_region += 1
@@ -192,6 +254,10 @@ class _PostProcessor:
         """Starts labelling a region: a future, the result itself when inline, None on glass."""
         if not self.region_has_tiles[index]:
             return None
+        with _timed(self.stats, "label_busy_s"):
+            return self._label(region)
+
+    def _label(self, region: tuple[int, int]) -> Future | RegionNuclei:
         plan, layout = self.plan, self.layout
         window = layout.region_window(*region)
         job = RegionJob(
@@ -213,7 +279,14 @@ class _PostProcessor:
     def _commit_next(self) -> None:
         """Gives the oldest region's nuclei their ids and writes them everywhere, in order."""
         region, pending = self.in_flight.popleft()
-        result: RegionNuclei | None = pending.result() if isinstance(pending, Future) else pending
+        with _timed(self.stats, "label_wait_s"):
+            result = pending.result() if isinstance(pending, Future) else pending
+        with _timed(self.stats, "commit_busy_s"):
+            self._commit(region, result)
+        if self.on_region is not None:
+            self.on_region(self.journal.regions_done, len(self.regions))
+
+    def _commit(self, region: tuple[int, int], result: RegionNuclei | None) -> None:
         first_id = self.journal.next_id
         records: list[NucleusRecord] = []
         dropped = 0
@@ -237,8 +310,6 @@ class _PostProcessor:
         counters["dropped"] = counters.get("dropped", 0) + dropped
         counters["seconds"] = self.base_seconds + time.monotonic() - self.started
         self.journal.record_region(records, first_id + len(records), counters)
-        if self.on_region is not None:
-            self.on_region(self.journal.regions_done, len(self.regions))
 
 
 def _is_done(pending: Any) -> bool:
@@ -266,6 +337,7 @@ class _PostThread:
 
     def __init__(self, post: _PostProcessor, maxsize: int) -> None:
         self.post = post
+        self.stats = post.stats
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -275,10 +347,11 @@ class _PostThread:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                try:
-                    message = self.queue.get(timeout=0.1)
-                except queue.Empty:
-                    continue
+                with _timed(self.stats, "post_wait_s"):
+                    try:
+                        message = self.queue.get(timeout=0.1)
+                    except queue.Empty:
+                        continue
                 if message is None:
                     self.post.finish()
                     return
@@ -288,6 +361,11 @@ class _PostThread:
             self.error = exc
 
     def put(self, message: tuple | None) -> None:
+        """Queues a message; the time blocked on a full queue counts as ``queue_wait_s``."""
+        with _timed(self.stats, "queue_wait_s"):
+            self._put(message)
+
+    def _put(self, message: tuple | None) -> None:
         while True:
             if self.error is not None:
                 raise self.error
@@ -362,16 +440,21 @@ class _Batcher:
     """
 
     def __init__(
-        self, predictor: TilePredictor, layout: TileLayout, batch_size: int, post: _PostThread
+        self,
+        predictor: TilePredictor,
+        layout: TileLayout,
+        batch_size: int,
+        post: _PostThread,
+        stats: PipelineStats,
     ) -> None:
         self.predictor = predictor
+        self.stats = stats
         self.tile_px = layout.tile_px
         self.stride_px = layout.stride_px
         self.batch_size = batch_size
         self.post = post
         self.tiles: list[tuple[tuple[int, int], tuple[int, int], np.ndarray]] = []
         self.remaining: deque[list] = deque()  # [block, its tiles not yet predicted]
-        self.tiles_run = 0
         self.on_batch: Callable[[int], None] | None = None
 
     def add_block(
@@ -396,7 +479,10 @@ class _Batcher:
         if not self.tiles:
             return
         batch, self.tiles = self.tiles, []
-        probs = self.predictor(np.stack([tile for _, _, tile in batch]))
+        with _timed(self.stats, "batch_busy_s"):
+            stacked = np.stack([tile for _, _, tile in batch])
+        with _timed(self.stats, "model_busy_s"):
+            probs = self.predictor(stacked)
         start = 0
         for end in range(1, len(batch) + 1):
             if end == len(batch) or batch[end][0] != batch[start][0]:
@@ -407,7 +493,7 @@ class _Batcher:
                     if entry[0] == block:
                         entry[1] -= end - start
                 start = end
-        self.tiles_run += len(batch)
+        self.stats.tiles_run += len(batch)
         if self.on_batch is not None:
             self.on_batch(len(batch))
         self._send_done()
@@ -423,7 +509,7 @@ def _active_blocks(layout: TileLayout, regions_done: int) -> np.ndarray:
     active = np.zeros(layout.n_blocks_yx, dtype=bool)
     for index, region in enumerate(layout.blocks()):
         if index >= regions_done:
-            for block in layout.neighbourhood(*region):
+            for block in layout.region_blocks(*region):
                 active[block] = True
     return active
 
@@ -445,6 +531,18 @@ class PipelineSettings:
     mpp_override: float | None = None
 
 
+def prefetch_blocks(layout: TileLayout, settings: PipelineSettings) -> int:
+    """Block reads to keep in flight: two per worker, and at least two batches of tiles.
+
+    Enough that no worker idles while the model consumes blocks, and that a large (GPU) batch
+    never waits for reads; memory is one block image per read.
+    """
+    tiles_per_block = layout.tiles_per_block**2
+    return max(
+        2 * max(settings.workers, 1) + 1, math.ceil(2 * settings.batch_size / tiles_per_block)
+    )
+
+
 def run_pipeline(
     plan: SlidePlan,
     predictor: TilePredictor,
@@ -453,30 +551,38 @@ def run_pipeline(
     journal: Journal,
     writer: GeoJSONWriter | None = None,
     *,
+    reader: RegionReader | None = None,
     progress: bool = False,
     on_region: Callable[[int, int], None] | None = None,
-) -> int:
+) -> PipelineStats:
     """Reads, predicts and post-processes every block that the unfinished regions need.
 
     On return every region is committed to ``journal`` (and ``writer``/``store``). On an error
     the stages are stopped and the journal keeps what was committed.
 
+    Args:
+        reader: a read-ahead of this slide (``settings.workers`` workers, opened with
+            ``settings.mpp_override``) that the caller started early and closes; None: one is
+            opened and closed here.
+
     Returns:
-        Number of network tiles run.
+        The network tiles run and where the time went.
     """
     from tqdm import tqdm
 
     from .tiling import blend_weights
 
+    started = time.perf_counter()
+    stats = PipelineStats()
     layout = plan.layout
     active = _active_blocks(layout, journal.regions_done)
     jobs = block_jobs(plan, active)
     weights = blend_weights(layout.tile_px, layout.overlap_px)
     post = _PostProcessor(
-        plan, store, journal, writer, active, weights, settings.label_workers, on_region
+        plan, store, journal, writer, active, weights, settings.label_workers, on_region, stats
     )
     thread = _PostThread(post, maxsize=QUEUE_MESSAGES)
-    batcher = _Batcher(predictor, layout, settings.batch_size, thread)
+    batcher = _Batcher(predictor, layout, settings.batch_size, thread, stats)
     requests = [(job.block, job.request) for job in jobs if job.tiles]
     bar = tqdm(
         total=sum(len(job.tiles) for job in jobs),
@@ -487,23 +593,29 @@ def run_pipeline(
         dynamic_ncols=True,
     )
     batcher.on_batch = bar.update
-    source = SlideSource(plan.slide_path, plan.backend, settings.mpp_override)
     finished = False
     try:
-        with RegionReader(source, settings.workers) as reader:
-            images = reader.read_ahead(requests)
+        with contextlib.ExitStack() as stack:
+            if reader is None:
+                source = SlideSource(plan.slide_path, plan.backend, settings.mpp_override)
+                reader = stack.enter_context(RegionReader(source, settings.workers))
+            images = reader.read_ahead(requests, prefetch_blocks(layout, settings))
             for job in jobs:
                 image = None
                 if job.tiles:
-                    key, image = next(images)
+                    with _timed(stats, "reader_wait_s"):
+                        key, image = next(images)
                     assert key == job.block, f"read-ahead out of order: {key} != {job.block}"
                 batcher.add_block(job.block, job.tiles, image, job.origin_yx)
             batcher.flush()
+            last_batch_done = time.perf_counter()
         thread.close()
+        stats.tail_s = time.perf_counter() - last_batch_done
         finished = True
     finally:
         if not finished:
             thread.abort()
             post.close()
         bar.close()
-    return batcher.tiles_run
+    stats.wall_s = time.perf_counter() - started
+    return stats

@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,14 @@ from .journal import Journal
 from .overlay import draw_overlay, overlay_format
 from .pipeline import (
     PipelineSettings,
+    PipelineStats,
     SlidePlan,
     TilePredictor,
     default_label_workers,
     default_workers,
     run_pipeline,
 )
+from .readahead import RegionReader, SlideSource
 from .slide import Slide, open_slide
 from .store import PredictionStore
 from .tiling import Canvas, TileLayout, overlap_for_mpp, tiles_per_block_for, tissue_tiles
@@ -73,12 +75,17 @@ class PredictOptions:
         label_workers: processes for instance extraction and polygons (0: the post-processing
             thread does it); None: :func:`default_label_workers`.
         overlap_px: tile overlap at the model's mpp; None: 16 µm (:func:`overlap_for_mpp`).
-        region_px: side of a read block / labelling region at the model's mpp.
+        region_px: side of a read block / labelling region at the model's mpp, rounded to whole
+            tile strides (1024: 960 px for 224 px tiles overlapping by 32 px). About 1000 px
+            keeps the labelling windows, block images and blending sums small, so memory stays
+            low while labelling runs beside the model; larger blocks mean fewer reads but more
+            memory.
         halo_um: context around a region for instance extraction (> 2 nucleus diameters).
         object_type: GeoJSON ``objectType``: detection, cell or annotation.
         postprocess: watershed parameters; None: the model's own (``meta["postprocess"]``).
         overwrite: replace existing outputs (otherwise they are an error).
-        chunk_px: Zarr chunk side.
+        chunk_px: Zarr chunk side; None: the block size, so that each block's probabilities are
+            written as whole chunks (several times faster than chunks across blocks).
         overlay_max_px: long side of the ``--overlay`` picture.
         model_name, model_sha256: recorded in the outputs; None: taken from the predictor's
             bundle when it has one.
@@ -93,12 +100,12 @@ class PredictOptions:
     workers: int | None = None
     label_workers: int | None = None
     overlap_px: int | None = None
-    region_px: int = 2048
+    region_px: int = 1024
     halo_um: float = 32.0
     object_type: str = "detection"
     postprocess: PostProcess | None = None
     overwrite: bool = False
-    chunk_px: int = 1024
+    chunk_px: int | None = None
     overlay_max_px: int = 2048
     model_name: str | None = None
     model_sha256: str | None = None
@@ -108,6 +115,8 @@ class PredictOptions:
             raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {self.object_type!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.chunk_px is not None and self.chunk_px < 1:
+            raise ValueError(f"chunk_px must be >= 1, got {self.chunk_px}")
         if self.roi_xywh is not None and (self.roi_xywh[2] <= 0 or self.roi_xywh[3] <= 0):
             raise ValueError(f"roi width and height must be > 0, got {self.roi_xywh}")
 
@@ -276,6 +285,8 @@ def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs
         "model": [plan.model_name, plan.model_sha256, plan.model_mpp, plan.num_classes],
         "canvas": asdict(plan.canvas),
         "layout": asdict(plan.layout),
+        # Region geometry: a journal of an older version with other region cores must not resume.
+        "regions": "block cores shifted up and left by halo_px",
         "tissue": [options.tissue_mask, options.tissue_mpp],
         "postprocess": plan.postprocess.to_dict(),
         "zarr": str(outputs.zarr_partial.resolve()),
@@ -341,7 +352,17 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _peak_rss_mb() -> float:
+def _peak_rss_mb(status_path: Path = Path("/proc/self/status")) -> float:
+    """Peak resident memory of this process in MiB.
+
+    Linux's ``VmHWM`` (proc(5)) belongs to the running program alone. ``getrusage``'s
+    ``ru_maxrss`` is only the fallback (macOS, no ``/proc``): Linux carries it over from the
+    parent across ``exec``, so a process started by a larger one would report the parent's peak.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in status_path.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
     import resource
 
     # ru_maxrss is in KiB on Linux, bytes on macOS.
@@ -352,8 +373,8 @@ def _peak_rss_mb() -> float:
 @dataclass
 class _RunStats:
     base_seconds: float = 0.0  # spent by earlier, interrupted sessions
-    tiles_run: int = 0
     session_seconds: float = 0.0
+    pipeline: PipelineStats = field(default_factory=PipelineStats)
 
 
 def pipeline_settings(options: PredictOptions) -> PipelineSettings:
@@ -397,18 +418,19 @@ def _summary(
         "processed_area_mm2": plan.processed_area_mm2(),
         "tiles": tiles,
         "tiles_skipped": int(plan.tile_mask.size) - tiles,
-        "tiles_run_this_session": stats.tiles_run,
+        "tiles_run_this_session": stats.pipeline.tiles_run,
         "regions": len(list(layout.blocks())),
         "nuclei": journal.next_id - 1,
         "objects_dropped_larger_than_halo": int(journal.counters.get("dropped", 0)),
         "seconds": round(seconds, 3),
         "seconds_this_session": round(stats.session_seconds, 3),
-        "tiles_per_second": round(stats.tiles_run / stats.session_seconds, 2)
+        "tiles_per_second": round(stats.pipeline.tiles_run / stats.session_seconds, 2)
         if stats.session_seconds > 0
         else None,
         "seconds_per_mm2": round(seconds / area, 3) if area else None,
         "resumed": journal.resumed,
         "peak_rss_mb": _peak_rss_mb(),
+        "stages": stats.pipeline.to_dict(),
         "tiling": {
             "tile_px": layout.tile_px,
             "overlap_px": layout.overlap_px,
@@ -447,7 +469,7 @@ def _open_store(
         canvas_hw,
         num_classes=plan.num_classes,
         with_labels=outputs.zarr is not None,
-        chunk_px=options.chunk_px,
+        chunk_px=options.chunk_px or plan.layout.block_px,
         attrs=zarr_attributes(plan),
     )
 
@@ -462,6 +484,7 @@ def _predict_planned(
     progress: bool,
     on_region: Callable[[int, int], None] | None,
     started: float,
+    reader: RegionReader,
 ) -> dict[str, Any]:
     store = _open_store(plan, options, outputs, journal)
     stats = _RunStats(base_seconds=float(journal.counters.get("seconds", 0.0)))
@@ -472,13 +495,14 @@ def _predict_planned(
             writer = stack.enter_context(GeoJSONWriter(outputs.geojson, options.object_type))
             for record in journal.nuclei():  # replay what an interrupted run committed
                 writer.write(record.polygon, record.measurements)
-        stats.tiles_run = run_pipeline(
+        stats.pipeline = run_pipeline(
             plan,
             predictor,
             settings,
             store,
             journal,
             writer,
+            reader=reader,
             progress=progress,
             on_region=on_region,
         )
@@ -522,7 +546,9 @@ def predict_slide(
 
     Returns:
         The run summary (also written to ``outputs.summary``): mpp used and its source, tissue
-        area, tiles, nuclei, seconds, model and versions.
+        area, tiles, nuclei, seconds, peak resident memory (``peak_rss_mb``), where this
+        session's pipeline time went (``stages``: :class:`cellseg.pipeline.PipelineStats`),
+        model and versions.
 
     Raises:
         CellsegError: an output exists (without ``overwrite``), the slide cannot be opened or
@@ -540,14 +566,27 @@ def predict_slide(
     if existing and not options.overwrite and not outputs.is_resumable():
         raise CellsegError(f"{existing[0]}: already exists (pass --overwrite to replace it)")
     started = time.monotonic()
-    with open_slide(slide_path, options.backend, options.mpp) as slide:
+    with contextlib.ExitStack() as stack:
+        slide = stack.enter_context(open_slide(slide_path, options.backend, options.mpp))
+        source = SlideSource(Path(slide.path), slide.backend, options.mpp)
+        reader = stack.enter_context(RegionReader(source, pipeline_settings(options).workers))
+        reader.start()  # the workers start up (seconds) while the slide is planned
         plan = plan_slide(slide, predictor, options)
         for path in outputs.paths():
             path.parent.mkdir(parents=True, exist_ok=True)
         journal = Journal.open(outputs.work_dir, _fingerprint(plan, options, outputs))
         try:
             summary = _predict_planned(
-                slide, plan, predictor, options, outputs, journal, progress, on_region, started
+                slide,
+                plan,
+                predictor,
+                options,
+                outputs,
+                journal,
+                progress,
+                on_region,
+                started,
+                reader,
             )
         except CellsegError:
             # A data error will fail again: leave nothing behind.

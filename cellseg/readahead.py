@@ -60,6 +60,10 @@ def _read(request: ReadRequest) -> np.ndarray:
     return _local.slide.read_region_at_mpp(request.origin_xy, request.size_wh, request.target_mpp)
 
 
+def _ready() -> None:
+    """Does nothing; submitting it makes the executor start a worker (which opens the slide)."""
+
+
 class RegionReader:
     """Ordered, bounded read-ahead of slide regions.
 
@@ -70,6 +74,8 @@ class RegionReader:
             ``2·workers + 1``.
 
     Use as a context manager; :meth:`read_ahead` yields ``(key, image)`` in input order.
+    Workers start on first use; :meth:`start` starts them early, so that their start-up
+    (spawning, imports, opening the slide: seconds) overlaps with the caller's planning.
     """
 
     def __init__(self, source: SlideSource, workers: int = 1, prefetch: int | None = None) -> None:
@@ -88,19 +94,26 @@ class RegionReader:
                 initargs=(source,),
             )
 
+    def start(self) -> None:
+        """Starts every worker now, without waiting for them."""
+        for _ in range(max(self.workers, 1)):
+            self._executor.submit(_ready)
+
     def read_ahead(
-        self, requests: Iterable[tuple[Key, ReadRequest]]
+        self, requests: Iterable[tuple[Key, ReadRequest]], prefetch: int | None = None
     ) -> Iterator[tuple[Key, np.ndarray]]:
-        """Reads every request, keeping up to ``prefetch`` in flight; yields in input order.
+        """Reads every request, keeping up to ``prefetch`` (default: the reader's) in flight;
+        yields in input order.
 
         Errors raised while reading (e.g. :class:`cellseg.errors.SlideError` for a corrupt
         tile) are re-raised here, at the request that failed.
         """
+        in_flight = prefetch or self.prefetch
         pending: deque[tuple[Key, Future]] = deque()
         todo = iter(requests)
         exhausted = False
         while True:
-            while not exhausted and len(pending) < self.prefetch:
+            while not exhausted and len(pending) < in_flight:
                 item = next(todo, None)
                 if item is None:
                     exhausted = True

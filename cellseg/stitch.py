@@ -8,7 +8,9 @@ weights of :func:`cellseg.inference.blend_weights` (Cellpose's ``average_tiles``
 The canvas is cut into *cells* (:meth:`cellseg.tiling.TileLayout.segments`): a cell inside one
 block's core depends on that block alone and is final as soon as the block is; a cell in the
 ``overlap_px`` band between blocks waits for its 2 (or 4) blocks. Only the pending bands are kept
-in memory (a strip ``overlap_px`` tall across the canvas), never a whole-slide array.
+in memory, never a whole-slide array: the band below the current block row (a strip
+``overlap_px`` tall across the canvas: ``(C + 1)·overlap_px·4`` bytes per canvas pixel of width,
+512 B at the defaults, 25 MB for a canvas 50 000 px wide) and the band right of the current block.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ class Stitcher:
 
     @property
     def pending_cells(self) -> int:
-        """Cells waiting for more blocks (bounded by about two block rows of bands)."""
+        """Cells waiting for more blocks (the bands of about one block row)."""
         return len(self._pending)
 
     def _normalise(self, total: _Sum, box: Box) -> np.ndarray:

@@ -11,14 +11,21 @@ model's mpp (array axis order y, x; all sizes in canvas pixels):
   read region from the network tile). Block ``(by, bx)`` owns the *core*
   ``[by·B, (by+1)·B) × [bx·B, (bx+1)·B)`` with ``B = tiles_per_block·S``; its footprint reaches
   ``overlap_px`` further, into the next block's core.
-* **regions** coincide with block cores and are the unit of instance extraction and of resume.
-  A region is labelled on its core plus a ``halo_px`` margin, and keeps only the nuclei whose
+* **regions** are the unit of instance extraction and of resume, one per block. A region is
+  labelled on its core plus a ``halo_px`` margin (its *window*), and keeps only the nuclei whose
   centroid lies in its core, so a nucleus on a seam is found exactly once and never cut
-  (StarDist's ``big.py`` "responsible block" rule, PEERS.md §2B).
+  (StarDist's ``big.py`` "responsible block" rule, PEERS.md §2B). Region cores are the block
+  cores shifted up and left by ``halo_px`` (the first region of a row or column starts at 0, the
+  last reaches the canvas edge): ``[by·B - halo, (by+1)·B - halo)``, so a region's window ends
+  exactly where the tiles of the next block row and column begin.
 
-Because ``halo_px + overlap_px <= B``, the probabilities a region needs (core + halo) depend on
-the tiles of its 3×3 block neighbourhood only: this is what lets regions be labelled in a
-streaming fashion, one block row behind inference, and resumed after an interruption.
+A pixel's probabilities depend on the tiles covering it, and the tiles of block ``c`` start at
+``c·B``. A window that ends at ``(by+1)·B`` therefore depends on block ``(by, bx)`` and blocks
+before it in raster order only (:meth:`TileLayout.region_blocks`): region ``(by, bx)`` can be
+labelled as soon as block ``(by, bx)`` is predicted, so labelling trails inference by one block,
+not one block row, and nothing of a block row is held back for it. When ``2·halo_px +
+overlap_px <= B`` (the defaults: 2·64 + 32 <= 960) those blocks are the 2×2 neighbourhood ending at
+``(by, bx)``, which bounds what a resumed run recomputes.
 """
 
 from __future__ import annotations
@@ -105,7 +112,8 @@ class TileLayout:
         if self.tiles_per_block < 1:
             raise ValueError(f"tiles_per_block must be >= 1, got {self.tiles_per_block}")
         if not 0 <= self.halo_px <= self.block_px - self.overlap_px:
-            # A larger halo would reach blocks two steps away, breaking streaming and resume.
+            # Keeps the first region's core (block core minus the halo) non-empty, and a
+            # region's window within the blocks at most two rows and columns back.
             raise ValueError(
                 f"halo_px must be in [0, block_px - overlap_px] = "
                 f"[0, {self.block_px - self.overlap_px}], got {self.halo_px}; "
@@ -151,17 +159,34 @@ class TileLayout:
         y0, y1, x0, x1 = self.tiles_box(*self.block_tiles(by, bx))
         return (y0, min(y1, self.height_px), x0, min(x1, self.width_px))
 
-    def region_core(self, by: int, bx: int) -> Box:
-        """Canvas box owned by region ``(by, bx)``: its nuclei have their centroid here.
+    def block_core(self, by: int, bx: int) -> Box:
+        """Canvas box of block ``(by, bx)``'s core (the last ones reach the canvas edge).
 
-        Cores tile the canvas: the last region of a row or column reaches the canvas edge
-        (its tiles' overlap may stick out of the last full block by up to ``overlap_px``).
+        In a run over all blocks, the stitcher's cells that become final when the block is
+        finished are exactly this box.
         """
         y0, y1 = self._core_span(by, 0)
         x0, x1 = self._core_span(bx, 1)
         return (y0, y1, x0, x1)
 
+    def region_core(self, by: int, bx: int) -> Box:
+        """Canvas box owned by region ``(by, bx)``: its nuclei have their centroid here.
+
+        The block core shifted up and left by ``halo_px``; the cores tile the canvas (the first
+        region of a row or column starts at 0, the last one reaches the canvas edge).
+        """
+        y0, y1 = self._region_span(by, 0)
+        x0, x1 = self._region_span(bx, 1)
+        return (y0, y1, x0, x1)
+
+    def _region_span(self, c: int, axis: int) -> tuple[int, int]:
+        length = self.height_px if axis == 0 else self.width_px
+        last = c == self.n_blocks_yx[axis] - 1
+        start = 0 if c == 0 else c * self.block_px - self.halo_px
+        return start, length if last else (c + 1) * self.block_px - self.halo_px
+
     def _core_span(self, c: int, axis: int) -> tuple[int, int]:
+        """Block ``c``'s core along an axis (the last one reaches the canvas edge)."""
         length = self.height_px if axis == 0 else self.width_px
         last = c == self.n_blocks_yx[axis] - 1
         return c * self.block_px, length if last else (c + 1) * self.block_px
@@ -177,14 +202,22 @@ class TileLayout:
             min(self.width_px, x1 + h),
         )
 
-    def neighbourhood(self, by: int, bx: int) -> list[tuple[int, int]]:
-        """Blocks whose tiles a region's window depends on: its 3×3 neighbourhood, clipped."""
-        ny, nx = self.n_blocks_yx
-        return [
-            (y, x)
-            for y in range(max(0, by - 1), min(ny, by + 2))
-            for x in range(max(0, bx - 1), min(nx, bx + 2))
-        ]
+    def region_blocks(self, by: int, bx: int) -> list[tuple[int, int]]:
+        """Blocks whose tiles cover some pixel of region ``(by, bx)``'s window, in raster order.
+
+        The region can be labelled once these are predicted; the last of them is block
+        ``(by, bx)`` itself (see the module docstring).
+        """
+        y0, y1, x0, x1 = self.region_window(by, bx)
+        rows = self._blocks_covering(y0, y1, 0)
+        cols = self._blocks_covering(x0, x1, 1)
+        return [(y, x) for y in rows for x in cols]
+
+    def _blocks_covering(self, start: int, end: int, axis: int) -> list[int]:
+        """Blocks whose footprint ``[c·B, (c+1)·B + overlap)`` meets ``[start, end)`` on an axis."""
+        b, ov = self.block_px, self.overlap_px
+        n = self.n_blocks_yx[axis]
+        return [c for c in range(n) if c * b < end and start < (c + 1) * b + ov]
 
     def blocks(self) -> Iterator[tuple[int, int]]:
         """All blocks (= regions) in raster order, the order of processing and of nucleus ids."""
@@ -203,7 +236,9 @@ class TileLayout:
         Along an axis, block ``c``'s footprint is ``[c·B, (c+1)·B + overlap)``: the interval
         ``[c·B, c·B + overlap)`` is shared by blocks ``c-1`` and ``c`` (a *band*), the rest of the
         core belongs to block ``c`` alone. The product of the two axes' segments gives the
-        *cells* that the stitcher finalises once every contributing block is done.
+        *cells* that the stitcher finalises once every contributing block is done. Along an
+        axis, blocks ``c-1`` and ``c`` share the band, so a cell waits for at most one block
+        row (the band below a row) and one block (the band right of a block).
 
         Args:
             axis: 0 for y, 1 for x.

@@ -1,14 +1,17 @@
 """The whole-slide pipeline (cellseg.predict) on synthetic slides with an oracle model.
 
 Slides are 0.5 µm/px and read at the oracle's 0.5 µm/px; small blocks (384 px) and Zarr chunks
-(256 px) put many seams into a 600×900 slide (2×3 regions). Discs painted ON every tile, block
-and chunk seam must each come out exactly once, uncut: the same polygon as the disc alone gives,
-the same pixels in the Zarr labels.
+(256 px) put many seams into a 600×900 slide (2×3 regions). Discs painted ON every tile, block,
+region (block seams less the 64 px halo) and chunk seam must each come out exactly once, uncut:
+the same polygon as the disc alone gives, the same pixels in the Zarr labels.
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -30,8 +33,9 @@ from cellseg.store import to_uint8
 
 MPP = 0.5
 HEIGHT, WIDTH = 600, 900
-# Tile seams (stride 192, overlap band to +32), block seams (384) and chunk seams (256).
-SEAMS = [192, 224, 256, 384, 416, 512, 576, 608, 768, 800]
+# Tile seams (stride 192, overlap band to +32), block seams (384), region seams (384·k - 64)
+# and chunk seams (256).
+SEAMS = [192, 224, 256, 320, 384, 416, 512, 576, 608, 704, 768, 800]
 FAST = {"region_px": 384, "chunk_px": 256, "workers": 0, "label_workers": 0, "batch_size": 7}
 
 
@@ -92,7 +96,7 @@ def test_seam_discs_are_found_once_and_never_cut(seam_slide, seam_run):
 def test_seams_really_cross_the_discs(seam_slide):
     """Guards the test above: discs straddle block, tile and chunk borders."""
     _, truth = seam_slide
-    for seam in (384, 192, 256):  # a block, a tile and a chunk seam
+    for seam in (384, 320, 192, 256):  # a block, a region, a tile and a chunk seam
         assert np.intersect1d(truth[:, seam - 1], truth[:, seam])[1:].size > 5
         assert np.intersect1d(truth[seam - 1, :], truth[seam, :])[1:].size > 5
 
@@ -106,13 +110,14 @@ def test_probability_map_equals_the_oracle_on_the_whole_slide(seam_slide, seam_r
 
 @pytest.mark.parametrize("scale", [1, 2])
 def test_graded_probability_round_trip(tmp_path, scale):
-    """QuarterOracle, no tissue mask; scale 2 reads a 0.25 µm/px pyramid at 0.5 µm/px."""
+    """QuarterOracle, no tissue mask; scale 2 reads a 0.25 µm/px pyramid at 0.5 µm/px. Zarr
+    chunks are the blocks (the default), so blocks are written as whole chunks."""
     rng = np.random.default_rng(scale)
     blocks = rng.integers(0, 256, (300 // 6, 500 // 6 + 1, 3), dtype=np.uint8)
     image = np.repeat(np.repeat(blocks, 6 * scale, axis=0), 6 * scale, axis=1)[:, : 500 * scale]
     path = make_pyramid_tiff(tmp_path / "q.svs", image, MPP / scale, levels=1)
     none = PostProcess(min_area_um2=1e6)  # random blocks: skip hundreds of pointless polygons
-    opts = options(tissue_mask=False, overlap_px=48, postprocess=none)
+    opts = options(tissue_mask=False, overlap_px=48, postprocess=none, chunk_px=None)
     predict_slide(path, QuarterOracle(), outputs_in(tmp_path, zarr=True), opts)
     with open_slide(path) as slide:
         whole = slide.read_region_at_mpp((0, 0), (500, 300), MPP)
@@ -120,6 +125,8 @@ def test_graded_probability_round_trip(tmp_path, scale):
     group = zarr.open_group(str(tmp_path / "n.zarr"), mode="r")
     np.testing.assert_array_equal(group["probability"][:], expected)
     assert group.attrs["scale_to_level0"] == scale and group.attrs["mpp"] == MPP
+    assert group.attrs["tiling"]["region_px"] == 2 * (224 - 48)  # round(384 / 176) tiles
+    assert group["probability"].chunks == (300, 352)  # one block, clipped to the canvas height
 
 
 def test_zarr_layout_and_attributes(seam_run):
@@ -176,6 +183,64 @@ def test_summary_and_overlay(seam_run):
         pixels = np.asarray(picture)
     assert np.all(pixels == (0, 255, 0), axis=-1).sum() > 1000  # green outlines were drawn
     assert not list(out.glob("*.partial")) and not list(out.glob("*.cellseg-work"))
+
+
+def test_summary_says_where_the_time_went(seam_run):
+    _, summary = seam_run
+    stages = summary["stages"]
+    assert stages["tiles_run"] == summary["tiles_run_this_session"] == summary["tiles"] == 15
+    assert all(value >= 0 for key, value in stages.items() if key.endswith("_s"))
+    busy = stages["stitch_busy_s"] + stages["label_busy_s"] + stages["commit_busy_s"]
+    assert stages["post_busy_s"] == pytest.approx(busy, abs=3e-3)  # rounded to ms
+    assert min(stages["model_busy_s"], stages["stitch_busy_s"], stages["label_busy_s"]) > 0
+    # The inference thread's busy and waiting times are disjoint parts of the pipeline's time.
+    inference = ("reader_wait_s", "batch_busy_s", "model_busy_s", "queue_wait_s")
+    assert sum(stages[key] for key in inference) <= stages["wall_s"] + 2e-3 <= summary["seconds"]
+    assert stages["tail_s"] <= stages["wall_s"]
+    share = stages["model_busy_s"] / stages["wall_s"]
+    assert stages["model_share"] == pytest.approx(share, abs=0.01)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc and ru_maxrss in KiB are Linux's")
+def test_peak_rss_is_vmhwm_with_a_getrusage_fallback(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t 9999 kB\nVmHWM:\t    3072 kB\nVmRSS:\t 10 kB\n")
+    assert predict_module._peak_rss_mb(status) == 3.0
+    fallback = predict_module._peak_rss_mb(tmp_path / "absent")
+    ru_maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    assert fallback == pytest.approx(ru_maxrss_mb, abs=1)
+    assert 0 < predict_module._peak_rss_mb() <= fallback + 1  # VmHWM never exceeds ru_maxrss
+
+
+class PausingOracle(DiscOracle):
+    """Holds its second model call until the first region is committed (or a timeout)."""
+
+    def __init__(self, region_committed: threading.Event) -> None:
+        super().__init__()
+        self.region_committed = region_committed
+        self.batches = 0
+        self.labelled_during_inference = False
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        self.batches += 1
+        if self.batches == 2:
+            self.labelled_during_inference = self.region_committed.wait(timeout=60)
+        return super().__call__(tiles)
+
+
+def test_a_region_is_labelled_right_after_its_block(seam_slide, tmp_path):
+    """Region (0, 0) needs block (0, 0) only, so it is committed while block (0, 1) is being
+    predicted (batches of 4 tiles = one 2×2-tile block), long before its block row ends."""
+    path, _ = seam_slide
+    committed = threading.Event()
+    oracle = PausingOracle(committed)
+
+    def on_region(done: int, total: int) -> None:
+        committed.set()
+
+    opts = options(batch_size=4)
+    predict_slide(path, oracle, outputs_in(tmp_path, geojson=True), opts, on_region=on_region)
+    assert oracle.labelled_during_inference and oracle.batches == 4  # 4 + 4 + 4 + 3 tiles
 
 
 def test_glass_tiles_are_never_run(tmp_path):
@@ -246,20 +311,26 @@ def assert_same_results(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(za[name][:], zb[name][:])
 
 
-def test_an_interrupted_run_resumes_to_the_same_nuclei(seam_slide, seam_run, tmp_path):
+# Region (1, 2) needs blocks (0, 1), (0, 2), (1, 1), (1, 2): 4 + 2 + 2 + 1 tiles. Regions from
+# (0, 2) on need every block (region (1, 0) needs block (0, 0)).
+@pytest.mark.parametrize("regions_done, tiles_again", [(2, 15), (5, 9)])
+def test_an_interrupted_run_resumes_to_the_same_nuclei(
+    seam_slide, seam_run, tmp_path, regions_done, tiles_again
+):
     path, _ = seam_slide
     reference, _ = seam_run
     outputs = outputs_in(tmp_path, geojson=True, zarr=True)
     with pytest.raises(Interrupt):
-        predict_slide(path, DiscOracle(), outputs, options(), on_region=interrupt_after(5))
+        on_region = interrupt_after(regions_done)
+        predict_slide(path, DiscOracle(), outputs, options(), on_region=on_region)
     assert outputs.existing() == [] and outputs.is_resumable()
     assert not (tmp_path / "n.geojson.partial").exists()  # the writer discarded its file
     progress = json.loads((outputs.work_dir / "progress.json").read_text())
-    assert progress["regions_done"] == 5 and progress["next_id"] > 100
+    assert progress["regions_done"] == regions_done and progress["next_id"] > 20
     oracle = DiscOracle()
     summary = predict_slide(path, oracle, outputs, options())
-    assert summary["resumed"] is True
-    assert 0 < oracle.calls < summary["tiles"]  # only the unfinished regions' blocks again
+    assert summary["resumed"] is True and summary["tiles"] == 15
+    assert oracle.calls == tiles_again  # only the unfinished regions' blocks again
     assert_same_results(reference, tmp_path)
     assert not outputs.work_dir.exists() and not outputs.zarr_partial.exists()
 

@@ -1,4 +1,5 @@
-"""Geometry of whole-slide tiling (cellseg.tiling) and seam-free blending (cellseg.stitch)."""
+"""Geometry of whole-slide tiling (cellseg.tiling), seam-free blending (cellseg.stitch) and the
+block-at-once probability writes (cellseg.store)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from oracle import DiscOracle, QuarterOracle
 
 from cellseg.stitch import Stitcher
-from cellseg.store import to_uint8
+from cellseg.store import PredictionStore, to_uint8
 from cellseg.tiling import (
     Canvas,
     TileLayout,
@@ -73,18 +74,42 @@ def test_segments_partition_the_axes_by_covering_blocks(height, width):
             assert all(brute[p] == seg.blocks for p in range(seg.start, seg.end))
 
 
-def test_region_window_depends_only_on_the_3x3_neighbourhood():
-    """The invariant that lets regions be labelled one block row behind inference."""
-    layout = TileLayout(1300, 1500, overlap_px=32, tiles_per_block=2, halo_px=352)
+def _blocks_under_window(layout: TileLayout, window) -> set[tuple[int, int]]:
+    """Brute force: the blocks owning some tile that overlaps ``window``."""
+    y0, y1, x0, x1 = window
     ny, nx = layout.n_tiles_yx
-    for region in layout.blocks():
-        y0, y1, x0, x1 = layout.region_window(*region)
-        allowed = set(layout.neighbourhood(*region))
-        k = layout.tiles_per_block
-        for ty, tx in itertools.product(range(ny), range(nx)):
-            ty0, ty1, tx0, tx1 = layout.tiles_box(ty, ty + 1, tx, tx + 1)
-            if ty0 < y1 and ty1 > y0 and tx0 < x1 and tx1 > x0:
-                assert (ty // k, tx // k) in allowed
+    k = layout.tiles_per_block
+    found = set()
+    for ty, tx in itertools.product(range(ny), range(nx)):
+        ty0, ty1, tx0, tx1 = layout.tiles_box(ty, ty + 1, tx, tx + 1)
+        if ty0 < y1 and ty1 > y0 and tx0 < x1 and tx1 > x0:
+            found.add((ty // k, tx // k))
+    return found
+
+
+@pytest.mark.parametrize("height, width", [(1300, 1500), (700, 420), (2000, 1000)])
+def test_region_cores_tile_the_canvas(height, width):
+    layout = TileLayout(height, width, overlap_px=32, tiles_per_block=2, halo_px=64)
+    owners = np.zeros((height, width), np.int32)
+    for by, bx in layout.blocks():
+        y0, y1, x0, x1 = layout.region_core(by, bx)
+        owners[y0:y1, x0:x1] += 1
+        # Cores are the block cores (384 px) moved up and left by the halo.
+        assert y0 == (0 if by == 0 else 384 * by - 64) and x0 == (0 if bx == 0 else 384 * bx - 64)
+    assert np.all(owners == 1)
+
+
+@pytest.mark.parametrize("halo_px", [0, 64, 352])
+def test_a_region_depends_on_its_own_block_and_earlier_ones_only(halo_px):
+    """The invariant that lets a region be labelled right after its block is predicted."""
+    layout = TileLayout(1300, 1500, overlap_px=32, tiles_per_block=2, halo_px=halo_px)
+    for by, bx in layout.blocks():
+        needed = layout.region_blocks(by, bx)
+        assert set(needed) == _blocks_under_window(layout, layout.region_window(by, bx))
+        assert max(needed) == (by, bx)  # the last one in raster order is its own block
+        assert all(y <= by and x <= bx for y, x in needed)
+        if 2 * halo_px + layout.overlap_px <= layout.block_px:
+            assert all(y >= by - 1 and x >= bx - 1 for y, x in needed)  # 2×2 at most
 
 
 def test_tissue_tiles_keeps_exactly_the_tiles_over_tissue():
@@ -188,3 +213,46 @@ def test_inactive_blocks_emit_no_cells_that_depend_on_them():
     stitched = _stitch(image, DiscOracle, layout, active=active)
     assert np.isnan(stitched[:, : layout.block_px + layout.overlap_px]).all()
     assert np.all(stitched[1, layout.block_px + layout.overlap_px :] == 1.0)
+
+
+@pytest.mark.parametrize("chunk_px", [384, 256])
+def test_a_block_written_at_once_equals_its_cells_written_one_by_one(tmp_path, chunk_px):
+    """``write_cells`` assembles a block's cells (aligned with the chunks or not) into one write;
+    a set of cells that is not a rectangle (a resumed run) falls back to cell by cell."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    layout = TileLayout(700, 900, overlap_px=32, tiles_per_block=2, halo_px=64)
+    stitcher = Stitcher(layout, 3, blend_weights(layout.tile_px, layout.overlap_px))
+    stores = [
+        PredictionStore.create(
+            tmp_path / f"{name}.zarr",
+            (700, 900),
+            num_classes=3,
+            with_labels=False,
+            chunk_px=chunk_px,
+        )
+        for name in ("cells", "blocks", "partial")
+    ]
+    s, t = layout.stride_px, layout.tile_px
+    padded = np.pad(image, ((0, t), (0, t), (0, 0)))
+    for block in layout.blocks():
+        ty0, ty1, tx0, tx1 = layout.block_tiles(*block)
+        tiles = list(itertools.product(range(ty0, ty1), range(tx0, tx1)))
+        batch = np.stack([padded[ty * s : ty * s + t, tx * s : tx * s + t] for ty, tx in tiles])
+        stitcher.add_tiles(block, tiles, QuarterOracle.probabilities(batch))
+        cells = [(cell.box, cell.probs) for cell in stitcher.finish_block(block)]
+        # The cells final after a block are its core: one rectangle, one write.
+        y0, y1, x0, x1 = layout.block_core(*block)
+        assert sum((b[1] - b[0]) * (b[3] - b[2]) for b, _ in cells) == (y1 - y0) * (x1 - x0)
+        assert all(y0 <= b[0] and b[1] <= y1 and x0 <= b[2] and b[3] <= x1 for b, _ in cells)
+        for box, probs in cells:
+            stores[0].write_probabilities(box, probs)
+        stores[1].write_cells(cells)
+        stores[2].write_cells(cells[:-1])  # not a rectangle: one by one
+        stores[2].write_cells(cells[-1:])
+    expected = to_uint8(1.0 - QuarterOracle.probabilities(image[None])[0, 0])
+    for store in stores:
+        np.testing.assert_array_equal(store.read_probabilities((0, 700, 0, 900))[0], expected)
+    interiors = [store.read_probabilities((0, 700, 0, 900))[1] for store in stores]
+    np.testing.assert_array_equal(interiors[0], interiors[1])
+    np.testing.assert_array_equal(interiors[0], interiors[2])
