@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import ModelBundle
-from .data import Sample, paper_mask
+from .data import Sample, paper_mask, resize_image
 from .errors import ModelError
 from .inference import Predictor, predict_array
 from .instances import PostProcess, label_instances
@@ -23,20 +23,24 @@ from .metrics import dice, instance_metrics, iou, summarize
 PROTOCOLS = ("paper", "native")
 
 
-def _resize_image(image: np.ndarray, size_hw: tuple[int, int], antialias: bool) -> np.ndarray:
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-    y = F.interpolate(x, size=size_hw, mode="bilinear", align_corners=False, antialias=antialias)
-    return y[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
-
-
 def _resize_probs(probs: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     x = torch.from_numpy(probs)[None]
     return F.interpolate(x, size=size_hw, mode="bilinear", align_corners=False)[0].numpy()
 
 
+def native_probabilities(sample: Sample, predictor: Predictor, overlap_px: int = 64) -> np.ndarray:
+    """Sliding-window probabilities at the model's mpp, resized to the tile's own grid (C×H×W)."""
+    h, w = sample.labels.shape
+    scale = sample.mpp / predictor.mpp
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    image = resize_image(sample.image, size, antialias=True)
+    probs = predict_array(image, predictor, predictor.tile_px, overlap_px)
+    return _resize_probs(probs, (h, w))
+
+
 def evaluate_paper(sample: Sample, predictor: Predictor) -> dict:
     """Per-image foreground Dice/IoU at 224² (SPEC §8.4 DEFAULT protocol)."""
-    image = _resize_image(sample.image, (224, 224), antialias=False)  # like cv2.INTER_LINEAR
+    image = resize_image(sample.image, (224, 224), antialias=False)  # like cv2.INTER_LINEAR
     probs = predictor(image[None])[0]
     pred = (1 - probs[0]) > 0.5
     gt = paper_mask(sample.labels, 224)
@@ -47,12 +51,7 @@ def evaluate_native(
     sample: Sample, predictor: Predictor, post: PostProcess, overlap_px: int = 64
 ) -> dict:
     """Dice, IoU, AJI and PQ of one tile at the ground truth's resolution."""
-    h, w = sample.labels.shape
-    scale = sample.mpp / predictor.mpp
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    image = _resize_image(sample.image, size, antialias=True)
-    probs = predict_array(image, predictor, predictor.tile_px, overlap_px)
-    probs = _resize_probs(probs, (h, w))
+    probs = native_probabilities(sample, predictor, overlap_px)
     labels = label_instances(probs, sample.mpp, post)
     gt = sample.labels
     pred_fg, gt_fg = labels > 0, gt > 0
@@ -126,11 +125,7 @@ def tune_postprocess(
     base = postprocess_of(bundle)
     cached = []
     for s in tqdm(samples, desc="predict validation tiles", disable=not progress, leave=False):
-        h, w = s.labels.shape
-        scale = s.mpp / predictor.mpp
-        image = _resize_image(s.image, (round(h * scale), round(w * scale)), antialias=True)
-        probs = predict_array(image, predictor, predictor.tile_px, 64)
-        cached.append((s, _resize_probs(probs, (h, w))))
+        cached.append((s, native_probabilities(s, predictor)))
     rows = []
     for fg in fg_thresholds:
         for marker in marker_thresholds:
