@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .causal import CIMConfig, SampleWeighting, weight_spread
-from .checkpoint import save_bundle
+from .checkpoint import file_sha256, load_bundle, save_bundle
 from .data import (
     UCTRANSNET_VAL_IDS,
     PaperDataset,
@@ -72,6 +72,7 @@ class TrainOptions:
     device: str = "auto"
     seed: int = 0
     threads: int | None = None
+    init_from: str | None = None  # fine-tune: start from this bundle's weights (fresh optimiser)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -293,6 +294,7 @@ class Trainer:
             "val_dice": val_dice,
             "use_cim": self.opts.use_cim,
             "seed": self.opts.seed,
+            "init_from": self.opts.init_from,
             "train_ids": sorted(s.image_id for s in self.train_samples),
             "val_ids": sorted(s.image_id for s in self.val_samples),
             "normalisation": "inside the model (ImageNet mean/std on [0, 1] RGB)",
@@ -334,6 +336,23 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["generator_rng"])
 
+    def load_init_weights(self) -> str:
+        """Copies the weights of ``opts.init_from`` into the model; returns the file's SHA-256.
+
+        A warm restart (SGDR, Loshchilov & Hutter 2017): the optimiser, schedule and CIM memory
+        start fresh, only the weights are inherited. The bundle must have this run's config.
+        """
+        bundle = load_bundle(self.opts.init_from)
+        ours, theirs = self.model_config.to_dict(), bundle.config.to_dict()
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if differ:
+            raise DataError(
+                f"{self.opts.init_from}: model config differs from this run's in "
+                f"{', '.join(differ)}; pass matching --arch/--model-size/--binary/--no-dac"
+            )
+        self.model.load_state_dict(bundle.model.state_dict())
+        return file_sha256(self.opts.init_from)
+
     # ----------------------------------------------------------------- run
     def describe(self) -> dict:
         model = build_model(self.model_config)
@@ -352,8 +371,12 @@ class Trainer:
         if resume:
             self.load_state()
         else:
+            init = {}
+            if self.opts.init_from:
+                init = {"init_sha256": self.load_init_weights()}
             info = {
                 "options": dataclasses.asdict(self.opts),
+                **init,
                 "model": self.model_config.to_dict(),
                 **self.describe(),
             }

@@ -75,6 +75,13 @@ from .common import device_option, user_errors
 @click.option("--no-cim", is_flag=True, help="Ablation: uniform sample weights (plain CE).")
 @click.option("--no-dac", is_flag=True, help="Ablation: CNN + Transformer backbone only.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
+@click.option(
+    "--init",
+    "init_from",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Fine-tune: start from this model's weights (same config); fresh optimiser and schedule.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--threads",
@@ -99,6 +106,7 @@ def train_command(
     no_cim,
     no_dac,
     resume,
+    init_from,
     seed,
     threads,
     device,
@@ -109,6 +117,7 @@ def train_command(
     Example:
       cellseg train --data ../shared/data/monuseg --preset paper --epochs 400 --out runs/paper
       cellseg train --data ../shared/data/monuseg --out runs/wsi --resume
+      cellseg train --data ../shared/data/monuseg --init runs/wsi/best.safetensors --out runs/ft
     """
     from cellseg.training import TrainOptions, train
 
@@ -129,6 +138,7 @@ def train_command(
         device=device,
         seed=seed,
         threads=threads,
+        init_from=str(init_from) if init_from else None,
     )
     summary = train(opts, resume=resume)
     click.echo(

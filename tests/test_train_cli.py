@@ -137,3 +137,40 @@ def test_bad_data_folder_is_one_line(tmp_path):
     result = CliRunner().invoke(cellseg, ["train", "--data", str(empty)])
     assert result.exit_code != 0 and result.output.startswith("error:")
     assert result.output.strip().count("\n") == 0
+
+
+def test_init_fine_tunes_from_a_bundle_and_rejects_another_config(monuseg, tmp_path):
+    from cellseg.checkpoint import file_sha256, load_bundle, save_bundle
+    from cellseg.model import ModelConfig, build_model
+    from cellseg.training import Trainer, TrainOptions
+
+    torch.manual_seed(123)
+    source = build_model(ModelConfig.tiny(num_classes=3))
+    init = tmp_path / "init.safetensors"
+    save_bundle(init, source, ModelConfig.tiny(num_classes=3), {"mpp": 0.5})
+    opts = TrainOptions(
+        data=str(monuseg),
+        out=str(tmp_path / "ft"),
+        preset="paper",
+        model_size="tiny",
+        batch_size=2,
+        epochs=1,
+        device="cpu",
+        init_from=str(init),
+    )
+    trainer = Trainer(opts, progress=False)
+    assert trainer.load_init_weights() == file_sha256(init)
+    expected = load_bundle(init).model.state_dict()
+    got = trainer.model.state_dict()
+    assert all(torch.equal(expected[k], got[k].cpu()) for k in expected)
+
+    trainer.run()
+    info = json.loads((tmp_path / "ft" / "options.json").read_text())
+    assert info["init_sha256"] == file_sha256(init)
+    assert load_bundle(tmp_path / "ft" / "best.safetensors").meta["init_from"] == str(init)
+
+    # a model of another shape is refused in one line naming the differing keys
+    bad = ["--out", str(tmp_path / "bad"), "--init", str(init), "--batch-size", "2"]
+    result = run(["train", "--data", str(monuseg), "--preset", "paper", "--epochs", "1", *bad])
+    assert result.exit_code != 0 and result.output.startswith("error:")
+    assert "widths" in result.output and result.output.strip().count("\n") == 0
