@@ -80,13 +80,17 @@ def evaluate(
     device: str = "auto",
     post: PostProcess | None = None,
     progress: bool = True,
+    tta: bool = False,
 ) -> dict:
-    """Runs one protocol over ``samples``; returns per-image rows and their mean ± std."""
+    """Runs one protocol over ``samples``; returns per-image rows and their mean ± std.
+
+    ``tta``: average the 8 rotations/reflections of each tile (:class:`Predictor`).
+    """
     from tqdm import tqdm
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
-    predictor = Predictor(bundle, device=device)
+    predictor = Predictor(bundle, device=device, tta=tta)
     post = post or postprocess_of(bundle)
     rows = []
     for s in tqdm(samples, desc=f"evaluate ({protocol})", disable=not progress, leave=False):
@@ -98,6 +102,7 @@ def evaluate(
         "protocol": protocol,
         "model": bundle.name,
         "model_mpp": predictor.mpp,
+        "tta": tta,
         "images": len(rows),
         "per_image": rows,
         "summary": summarize(rows),

@@ -37,6 +37,11 @@ class Predictor:
 
     On CUDA it runs under bf16/fp16 autocast with channels_last memory format and pinned host
     memory; on the CPU it runs in float32 (CPU autocast is slower for these convolutions).
+
+    ``tta=True`` averages the softmax over the 8 rotations and reflections of each tile (the
+    dihedral group D4: nuclei have no preferred orientation), at 8x the network cost. The average
+    is equivariant (up to float rounding): rotating the input rotates the output. Its measured
+    effect on the shipped model is in docs/RESULTS.md.
     """
 
     def __init__(
@@ -45,8 +50,10 @@ class Predictor:
         device: str = "auto",
         amp: bool = True,
         compile: bool = False,
+        tta: bool = False,
     ) -> None:
         self.device = resolve_device(device)
+        self.tta = tta
         self.bundle = bundle
         self.model = bundle.model.to(self.device).eval()
         self.mpp = float(bundle.meta.get("mpp", 0.5))
@@ -73,9 +80,24 @@ class Predictor:
         x = x.permute(0, 3, 1, 2).float().div_(255)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        if not self.tta:
+            return self._softmax(x).cpu().numpy()
+        views = [(turns, flip) for turns in range(4) for flip in (False, True)]
+        total = sum(self._view_softmax(x, turns, flip) for turns, flip in views)
+        return (total / len(views)).cpu().numpy()
+
+    def _view_softmax(self, x: torch.Tensor, quarter_turns: int, flip: bool) -> torch.Tensor:
+        """Softmax of one D4 view of ``x`` (``N×3×H×W``), mapped back to ``x``'s orientation."""
+        view = torch.rot90(x, quarter_turns, dims=(2, 3))
+        probs = self._softmax(view.flip(3) if flip else view)
+        probs = probs.flip(3) if flip else probs
+        return torch.rot90(probs, -quarter_turns, dims=(2, 3))
+
+    def _softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """``N×3×H×W`` float in [0, 1] -> ``N×C×H×W`` float32 softmax probabilities."""
         with self._autocast():
             logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return torch.softmax(logits.float(), dim=1)
 
 
 def predict_array(

@@ -93,6 +93,7 @@ class SlidePlan:
     postprocess: PostProcess
     model_name: str
     model_sha256: str | None
+    tta: bool = False  # the predictor averages the 8 D4 views of each tile
 
     @property
     def block_tile_counts(self) -> np.ndarray:

@@ -269,6 +269,7 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
         postprocess=_postprocess_for(predictor, options),
         model_name=name,
         model_sha256=sha,
+        tta=bool(getattr(predictor, "tta", False)),
     )
 
 
@@ -282,7 +283,7 @@ def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs
         "slide_mtime_ns": stat.st_mtime_ns,
         "backend": plan.backend,
         "slide_mpp": plan.slide_mpp,
-        "model": [plan.model_name, plan.model_sha256, plan.model_mpp, plan.num_classes],
+        "model": [plan.model_name, plan.model_sha256, plan.model_mpp, plan.num_classes, plan.tta],
         "canvas": asdict(plan.canvas),
         "layout": asdict(plan.layout),
         # Region geometry: a journal of an older version with other region cores must not resume.
@@ -311,7 +312,7 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
             "array pixel (y, x) covers level-0 [origin + x·scale, origin + (x+1)·scale) "
             "horizontally (likewise y); QuPath coordinates = level-0 - bounds_xy[:2]"
         ),
-        "model": {"name": plan.model_name, "sha256": plan.model_sha256},
+        "model": {"name": plan.model_name, "sha256": plan.model_sha256, "tta": plan.tta},
         "num_classes": plan.num_classes,
         "postprocess": plan.postprocess.to_dict(),
         "tiling": {

@@ -48,9 +48,14 @@ COLUMNS = ("dice", "iou", "aji", "pq", "dq", "sq")
     default=None,
     help="Write per-image values and mean ± std here.",
 )
+@click.option(
+    "--tta",
+    is_flag=True,
+    help="Test-time augmentation: average the 8 rotations/reflections of each tile (8x slower).",
+)
 @device_option
 @user_errors
-def evaluate_command(data, model_path, protocol, ids_file, json_out, device):
+def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device):
     """Evaluate a checkpoint and print a per-image table with mean ± std.
 
     \b
@@ -68,7 +73,7 @@ def evaluate_command(data, model_path, protocol, ids_file, json_out, device):
         wanted = set(read_ids(ids_file))
         files = [f for f in files if f.image_id in wanted]
     samples = [load_sample(f) for f in files]
-    result = evaluate(bundle, samples, protocol=protocol, device=device)
+    result = evaluate(bundle, samples, protocol=protocol, device=device, tta=tta)
     cols = [c for c in COLUMNS if c in result["summary"]]
     click.echo(f"{'image':<28}" + "".join(f"{c:>9}" for c in cols))
     for row in result["per_image"]:

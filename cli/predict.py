@@ -74,7 +74,7 @@ def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary):
     return plans
 
 
-def _load_predictor(model_path: Path | None, device: str):
+def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     from cellseg.checkpoint import default_model_path, load_bundle
     from cellseg.inference import Predictor
 
@@ -85,7 +85,7 @@ def _load_predictor(model_path: Path | None, device: str):
                 "no default model is installed with this copy of cellseg; pass --model "
                 "<checkpoint.safetensors> (e.g. runs/wsi/best.safetensors from cellseg train)"
             )
-    return Predictor(load_bundle(model_path), device=device)
+    return Predictor(load_bundle(model_path), device=device, tta=tta)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -173,6 +173,12 @@ def _load_predictor(model_path: Path | None, device: str):
 )
 @device_option
 @click.option(
+    "--tta",
+    is_flag=True,
+    help="Test-time augmentation: average the 8 rotations/reflections of each tile "
+    "(8x the model time; a little more accurate, see docs/RESULTS.md).",
+)
+@click.option(
     "--object-type",
     type=click.Choice(OBJECT_TYPES),
     default="detection",
@@ -197,6 +203,7 @@ def predict_command(
     workers,
     label_workers,
     device,
+    tta,
     object_type,
     overwrite,
 ):
@@ -217,7 +224,7 @@ def predict_command(
     from cellseg.errors import CellsegError
     from cellseg.predict import PredictOptions, predict_slide
 
-    predictor = _load_predictor(model_path, device)
+    predictor = _load_predictor(model_path, device, tta)
     options = PredictOptions(
         backend=backend,
         mpp=mpp,

@@ -135,3 +135,30 @@ def test_predictor_returns_probabilities(tmp_path):
     assert probs.shape == (3, 3, 64, 64) and probs.dtype == np.float32
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
     assert predictor.mpp == 0.5 and predictor.tile_px == 64
+
+
+def test_tta_is_the_d4_average_and_rotation_equivariant(tmp_path):
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "m.safetensors", build_model(cfg), cfg, {"mpp": 0.5, "tile_px": 64})
+    plain = Predictor(load_bundle(tmp_path / "m.safetensors"), device="cpu")
+    tta = Predictor(load_bundle(tmp_path / "m.safetensors"), device="cpu", tta=True)
+    tiles = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+
+    # the 8 views, predicted one by one and mapped back by hand (axes: N, C, y, x)
+    views = []
+    for turns in range(4):
+        for flip in (False, True):
+            view = np.rot90(tiles, turns, axes=(1, 2))
+            probs = plain(view[:, :, ::-1] if flip else view)
+            probs = probs[..., ::-1] if flip else probs
+            views.append(np.rot90(probs, -turns, axes=(2, 3)))
+    averaged = tta(tiles)
+    assert np.allclose(averaged, np.mean(views, axis=0), atol=1e-5)
+    assert not np.allclose(averaged, plain(tiles), atol=1e-3)  # the views do differ
+
+    # rotating or mirroring the input rotates or mirrors the TTA output
+    turned = tta(np.rot90(tiles, 1, axes=(1, 2)).copy())
+    assert np.allclose(turned, np.rot90(averaged, 1, axes=(2, 3)), atol=1e-5)
+    mirrored = tta(tiles[:, ::-1].copy())
+    assert np.allclose(mirrored, averaged[:, :, ::-1], atol=1e-5)

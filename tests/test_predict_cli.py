@@ -31,7 +31,9 @@ def stderr_lines(result) -> list[str]:
 @pytest.fixture
 def oracle(monkeypatch):
     """The command with the disc oracle instead of a checkpoint, reading in-process."""
-    monkeypatch.setattr(cli_predict, "_load_predictor", lambda model_path, device: DiscOracle())
+    monkeypatch.setattr(
+        cli_predict, "_load_predictor", lambda model_path, device, tta=False: DiscOracle()
+    )
     from cellseg import predict
 
     monkeypatch.setattr(predict, "default_workers", lambda: 0)
