@@ -61,28 +61,58 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     result_path = args.out.with_name(args.out.stem + ".test-native.json")
     result_path.write_text(json.dumps(result, indent=2))
-    log = [json.loads(line) for line in (args.run / "log.jsonl").read_text().splitlines()]
-    options = json.loads((args.run / "options.json").read_text())
-    card = model_card(shipped, args.out, options, log, result, seconds, post)
+    card = model_card(shipped, args.out, training_stages(args.run), result, seconds, post)
     args.out.with_name("MODEL_CARD.md").write_text(card)
     print(card)
 
 
-def model_card(bundle, path, options, log, result, seconds, post) -> str:
+def training_stages(run: Path) -> list[dict]:
+    """The run and, through ``--init``, the runs it was fine-tuned from (oldest first).
+
+    Each stage: ``run`` folder, ``options`` (its options.json) and ``log`` (its log.jsonl rows).
+    """
+    stages = []
+    while run is not None:
+        options = json.loads((run / "options.json").read_text())
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        stages.insert(0, {"run": run, "options": options, "log": log})
+        init = options["options"].get("init_from")
+        run = Path(init).parent if init and (Path(init).parent / "options.json").is_file() else None
+    return stages
+
+
+def train_command(stage: dict) -> str:
+    """The ``cellseg train`` command line that produced a stage."""
+    opts = stage["options"]["options"]
+    flags = [
+        f"--data {opts['data']} --preset {opts['preset']} --epochs {opts['epochs']}",
+        f"--lr {opts['lr']:g} --seed {opts['seed']} --threads {opts['threads'] or 1}",
+    ]
+    flags += ["--no-cim"] * (not opts["use_cim"]) + ["--no-dac"] * (not opts["use_dac"])
+    if opts.get("init_from"):
+        flags.append(f"--init {opts['init_from']}")
+    return "cellseg train " + " ".join(flags) + f" --out {opts['out']}"
+
+
+def model_card(bundle, path, stages, result, seconds, post) -> str:
     s = result["summary"]
 
     def fmt(key: str) -> str:
         return f"{s[key]['mean']:.4f} ± {s[key]['std']:.4f}"
 
-    opts = options["options"]
+    options, log, opts = stages[-1]["options"], stages[-1]["log"], stages[-1]["options"]["options"]
     best = max((r for r in log if r.get("best")), key=lambda r: r["val_dice"], default=log[-1])
-    total_s = sum(r["seconds"] for r in log)
+    total_s = sum(r["seconds"] for st in stages for r in st["log"])
+    epochs = " + ".join(
+        f"{len(st['log'])} (budget {st['options']['options']['epochs']})" for st in stages
+    )
     cfg = json.dumps(bundle.config.to_dict())
     cim = "on" if opts["use_cim"] else "off"
     meta = bundle.meta
-    train_cmd = (
-        f"cellseg train --data ../shared/data/monuseg --preset {opts['preset']} "
-        f"--epochs {opts['epochs']} --seed {opts['seed']} --threads 1 --out runs/wsi-default"
+    commands = [f"  {i + 1}. `{train_command(st)}`" for i, st in enumerate(stages)]
+    commands.append(
+        f"  {len(stages) + 1}. `python examples/package_model.py {stage_run(stages[-1])} "
+        "--data ../shared/data/monuseg`"
     )
     lines = [
         "# cellseg default model",
@@ -95,11 +125,12 @@ def model_card(bundle, path, options, log, result, seconds, post) -> str:
         f"  {len(meta['train_ids'])} tiles for training, {len(meta['val_ids'])} for validation",
         "  (UCTransNet split). The data is licensed CC BY-NC-SA 4.0; these weights are derived",
         "  from it and are offered under the same non-commercial, share-alike terms.",
-        f"- **Command**: `{train_cmd}`, then",
-        "  `python examples/package_model.py runs/wsi-default --data ../shared/data/monuseg`.",
-        f"- **Epochs**: {len(log)} run (budget {opts['epochs']}); best validation Dice",
-        f"  {best['val_dice']:.4f} at epoch {best['epoch']}; {total_s / 60:.0f} min of training",
-        "  on a 2-core CPU (no GPU).",
+        "- **Commands** (a later stage starts from the previous stage's best weights, `--init`:",
+        "  a warm restart with a fresh optimiser and cosine schedule):",
+        *commands,
+        f"- **Epochs**: {epochs}; best validation Dice of the last stage",
+        f"  {best['val_dice']:.4f} at its epoch {best['epoch']}; {total_s / 60:.0f} min of",
+        "  training in all, on a 2-core CPU (no GPU).",
         "- **Post-processing** (tuned for AJI on the validation tiles):",
         f"  `{json.dumps(post.to_dict())}`",
         f"- **SHA-256**: `{file_sha256(path)}`",
@@ -115,6 +146,10 @@ def model_card(bundle, path, options, log, result, seconds, post) -> str:
         "not used for any choice.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def stage_run(stage: dict) -> str:
+    return str(stage["options"]["options"]["out"])
 
 
 if __name__ == "__main__":
