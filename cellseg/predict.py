@@ -445,6 +445,7 @@ def _summary(
             "name": plan.model_name,
             "sha256": plan.model_sha256,
             "num_classes": plan.num_classes,
+            "tta": plan.tta,
             "device": str(getattr(predictor, "device", "unknown")),
             "postprocess": plan.postprocess.to_dict(),
         },

@@ -335,6 +335,21 @@ def test_an_interrupted_run_resumes_to_the_same_nuclei(
     assert not outputs.work_dir.exists() and not outputs.zarr_partial.exists()
 
 
+def test_a_run_with_tta_never_resumes_a_run_without(seam_slide, tmp_path):
+    path, _ = seam_slide
+    outputs = outputs_in(tmp_path, geojson=True, zarr=True)
+    with pytest.raises(Interrupt):
+        predict_slide(path, DiscOracle(), outputs, options(), on_region=interrupt_after(2))
+    assert outputs.is_resumable()
+    averaging = DiscOracle()
+    averaging.tta = True  # another predictor: its partial results must not be mixed in
+    summary = predict_slide(path, averaging, outputs, options())
+    assert summary["resumed"] is False and averaging.calls == summary["tiles"]
+    assert summary["model"]["tta"] is True
+    attrs = zarr.open_group(str(tmp_path / "n.zarr"), mode="r").attrs
+    assert attrs["model"]["tta"] is True
+
+
 def test_a_kill_between_nuclei_and_progress_is_rolled_back(
     seam_slide, seam_run, tmp_path, monkeypatch
 ):
