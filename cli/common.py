@@ -39,3 +39,10 @@ device_option = click.option(
     show_default=True,
     help="Where the network runs; auto picks CUDA when available.",
 )
+
+tta_option = click.option(
+    "--tta",
+    is_flag=True,
+    help="Test-time augmentation: average the 8 rotations/reflections of each tile "
+    "(8x the model time; a little more accurate, see docs/RESULTS.md).",
+)

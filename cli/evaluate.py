@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import device_option, user_errors
+from .common import device_option, tta_option, user_errors
 
 COLUMNS = ("dice", "iou", "aji", "pq", "dq", "sq")
 
@@ -48,11 +48,7 @@ COLUMNS = ("dice", "iou", "aji", "pq", "dq", "sq")
     default=None,
     help="Write per-image values and mean ± std here.",
 )
-@click.option(
-    "--tta",
-    is_flag=True,
-    help="Test-time augmentation: average the 8 rotations/reflections of each tile (8x slower).",
-)
+@tta_option
 @device_option
 @user_errors
 def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device):

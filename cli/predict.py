@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .common import device_option, fail, user_errors
+from .common import device_option, fail, tta_option, user_errors
 
 OBJECT_TYPES = ("detection", "cell", "annotation")  # cellseg.geojson.OBJECT_TYPES
 GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")  # what QuPath imports
@@ -172,12 +172,7 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     "Default: (cores - 2) / 2, at most 8.",
 )
 @device_option
-@click.option(
-    "--tta",
-    is_flag=True,
-    help="Test-time augmentation: average the 8 rotations/reflections of each tile "
-    "(8x the model time; a little more accurate, see docs/RESULTS.md).",
-)
+@tta_option
 @click.option(
     "--object-type",
     type=click.Choice(OBJECT_TYPES),

@@ -32,7 +32,8 @@ def read_run(folder: Path) -> dict | None:
     if not test.is_file():
         return None
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    best = max(log, key=lambda r: r["val_dice"] if r["epoch"] > 5 else -1)
+    # the epoch the trainer kept as best.safetensors: its last "best" mark
+    best = [r for r in log if r.get("best")][-1] if any(r.get("best") for r in log) else log[-1]
     summary = json.loads(test.read_text())["summary"]
     return {
         "dice": 100 * summary["dice"]["mean"],
