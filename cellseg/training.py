@@ -367,13 +367,13 @@ class Trainer:
         }
 
     def run(self, resume: bool = False) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load_state()
         else:
             init = {}
-            if self.opts.init_from:
+            if self.opts.init_from:  # before mkdir: a bad --init leaves no empty run folder
                 init = {"init_sha256": self.load_init_weights()}
+            self.out.mkdir(parents=True, exist_ok=True)
             info = {
                 "options": dataclasses.asdict(self.opts),
                 **init,

@@ -174,3 +174,4 @@ def test_init_fine_tunes_from_a_bundle_and_rejects_another_config(monuseg, tmp_p
     result = run(["train", "--data", str(monuseg), "--preset", "paper", "--epochs", "1", *bad])
     assert result.exit_code != 0 and result.output.startswith("error:")
     assert "widths" in result.output and result.output.strip().count("\n") == 0
+    assert not (tmp_path / "bad").exists()  # no empty run folder left behind
