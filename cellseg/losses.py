@@ -62,6 +62,9 @@ def segmentation_loss(
     ``sample_weights`` (``B``, summing to 1) come from the CIM; ``None`` means uniform weights, i.e.
     the "without CIM" ablation where ``L_CIM`` is the plain cross-entropy (SPEC §4, point 6).
     """
+    if logits.shape[1] == 2:
+        # A 2-class (paper) model: interior and boundary are both "nucleus" (class 1).
+        target = target.clamp(max=1)
     ce = per_image_cross_entropy(logits.float(), target)
     cim = ce.mean() if sample_weights is None else (sample_weights.to(ce.dtype) * ce).sum()
     dice = soft_dice_loss(logits.float(), target)

@@ -120,3 +120,14 @@ def test_cim_weights_change_only_the_ce_term():
     assert torch.isclose(uniform.dice, skewed.dice) and torch.isclose(uniform.focal, skewed.focal)
     ce = torch.nn.functional.cross_entropy(logits, target, reduction="none").flatten(1).mean(1)
     assert torch.isclose(skewed.cim, 0.9 * ce[0] + 0.1 * ce[1])
+
+
+def test_two_class_loss_merges_boundary_into_nucleus():
+    """A paper (2-class) model trains on 3-class targets: boundary counts as nucleus."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 4, 4)
+    target = torch.randint(0, 3, (2, 4, 4))
+    merged = segmentation_loss(logits, target.clamp(max=1))
+    terms = segmentation_loss(logits, target)
+    for name in ("total", "cim", "dice", "focal"):
+        assert torch.isclose(getattr(terms, name), getattr(merged, name))
