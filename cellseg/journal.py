@@ -144,7 +144,8 @@ class Journal:
         self, nuclei: Iterable[NucleusRecord], next_id: int, counters: dict[str, float]
     ) -> None:
         """Appends one completed region's nuclei, then commits it (fsync, atomic progress)."""
-        assert self._nuclei_file is not None, "journal is not open"
+        if self._nuclei_file is None:
+            raise RuntimeError("journal is not open")
         data = "".join(record.to_json() + "\n" for record in nuclei).encode("utf-8")
         if data:
             self._nuclei_file.write(data)

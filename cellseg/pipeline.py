@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import multiprocessing
 import os
 import queue
 import sys
@@ -48,6 +47,7 @@ from .readahead import ReadRequest, RegionReader, SlideSource
 from .stitch import Stitcher
 from .store import PredictionStore
 from .tiling import Canvas, TileLayout
+from .workers import start_pool
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +325,9 @@ def default_label_workers() -> int:
 def _label_pool(workers: int) -> ProcessPoolExecutor | None:
     if workers <= 0:
         return None
-    # spawn: the parent holds torch and threads, which must not be forked.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # spawn (the parent holds torch and threads, which must not be forked), started from the
+    # calling (main) thread so the workers end with this process (cellseg.workers).
+    return start_pool(workers)
 
 
 class _PostThread:
@@ -606,7 +607,8 @@ def run_pipeline(
                 if job.tiles:
                     with _timed(stats, "reader_wait_s"):
                         key, image = next(images)
-                    assert key == job.block, f"read-ahead out of order: {key} != {job.block}"
+                    if key != job.block:
+                        raise RuntimeError(f"read-ahead out of order: {key} != {job.block}")
                 batcher.add_block(job.block, job.tiles, image, job.origin_yx)
             batcher.flush()
             last_batch_done = time.perf_counter()

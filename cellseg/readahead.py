@@ -13,16 +13,17 @@ This module must not import torch: worker processes are started with ``spawn`` a
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+
+from .workers import start_pool
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +88,12 @@ class RegionReader:
         if workers == 0:
             self._executor = ThreadPoolExecutor(1, initializer=_open_in_worker, initargs=(source,))
         else:
-            self._executor = ProcessPoolExecutor(
-                workers,
-                mp_context=multiprocessing.get_context("spawn"),  # never fork a torch process
-                initializer=_open_in_worker,
-                initargs=(source,),
-            )
+            # Workers end with this process and ignore Ctrl-C (cellseg.workers).
+            self._executor = start_pool(workers, _open_in_worker, (source,))
 
     def start(self) -> None:
-        """Starts every worker now, without waiting for them."""
-        for _ in range(max(self.workers, 1)):
+        """Starts every worker now, without waiting for them (processes start in ``__init__``)."""
+        if self.workers == 0:
             self._executor.submit(_ready)
 
     def read_ahead(

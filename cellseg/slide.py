@@ -23,7 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 import warnings
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -59,18 +61,101 @@ _TIFF_UNIT_UM = {
     tifffile.RESUNIT.MILLIMETER: 1_000.0,
     tifffile.RESUNIT.MICROMETER: 1.0,
 }
-# What third-party decoders raise on broken files: OpenSlide's own errors, tifffile's, imagecodecs'
-# codec errors (RuntimeError subclasses such as Jpeg8Error), Pillow's OSError/ValueError, and the
-# KeyError/IndexError that truncated TIFF directories produce.
+# What third-party decoders raise on broken files: OpenSlide's own errors, tifffile's, I/O and zlib
+# errors, and imagecodecs' codec errors (RuntimeError subclasses such as Jpeg8Error; any other
+# RuntimeError is a bug and propagates, see _is_decoder_error). Truncated TIFF directories are
+# found before any decoder runs (_check_tiff_structure), so KeyError/IndexError/ValueError from
+# inside a reader are bugs too.
 _DECODER_ERRORS = (
     openslide.OpenSlideError,
     tifffile.TiffFileError,
     OSError,
-    ValueError,
+    zlib.error,
     RuntimeError,
-    KeyError,
-    IndexError,
 )
+# Pillow also reports broken PNG/JPEG files as SyntaxError ("broken PNG file").
+_PILLOW_ERRORS = (*_DECODER_ERRORS, SyntaxError, Image.DecompressionBombError)
+NO_STRUCTURE_CHECK_SUFFIXES = frozenset({".ndpi"})  # NDPI stores 64-bit offsets in a classic TIFF
+
+
+def _is_decoder_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (caught as one of ``_DECODER_ERRORS``) is a decoder's report of bad data."""
+    if isinstance(exc, RuntimeError) and not isinstance(exc, openslide.OpenSlideError):
+        return type(exc).__module__.split(".")[0] == "imagecodecs"
+    return True
+
+
+def _tiff_directory_problem(path: Path) -> str | None:
+    """Why the TIFF directory chain of ``path`` is broken, or None (also for non-TIFF files).
+
+    Follows every IFD (classic and BigTIFF) and checks that each lies inside the file: a file cut
+    short (an interrupted copy) otherwise opens with tiffslide and reads as blank tiles.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+        if len(head) < 8 or head[:2] not in (b"II", b"MM"):
+            return None
+        order = "<" if head[:2] == b"II" else ">"
+        magic = struct.unpack(order + "H", head[2:4])[0]
+        if magic == 42:
+            count_fmt, entry_bytes, offset_fmt = "H", 12, "I"
+            offset = struct.unpack(order + "I", head[4:8])[0]
+        elif magic == 43 and len(head) == 16:
+            count_fmt, entry_bytes, offset_fmt = "Q", 20, "Q"
+            offset = struct.unpack(order + "Q", head[8:16])[0]
+        else:
+            return None
+        count_bytes, offset_bytes = struct.calcsize(count_fmt), struct.calcsize(offset_fmt)
+        seen: set[int] = set()
+        while offset:
+            if offset in seen:
+                return f"its directories form a loop at byte {offset}"
+            seen.add(offset)
+            f.seek(offset)
+            raw = f.read(count_bytes)
+            if len(raw) < count_bytes:
+                return f"directory {len(seen)} at byte {offset} lies past the end ({size} bytes)"
+            entries = struct.unpack(order + count_fmt, raw)[0]
+            f.seek(offset + count_bytes + entries * entry_bytes)
+            raw = f.read(offset_bytes)
+            if len(raw) < offset_bytes:
+                return f"directory {len(seen)} at byte {offset} is cut short ({size} bytes)"
+            offset = struct.unpack(order + offset_fmt, raw)[0]
+    return None
+
+
+def _tiff_data_problem(path: Path) -> str | None:
+    """Why some image data of the TIFF ``path`` lies outside the file, or None."""
+    size = path.stat().st_size
+    with tifffile.TiffFile(path) as tif:
+        for page in tif.pages:
+            offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+            counts = np.asarray(page.databytecounts, dtype=np.int64)
+            if offsets.size and int((offsets + counts).max()) > size:
+                return f"image {page.index} has data past the end of the file ({size} bytes)"
+    return None
+
+
+def _check_tiff_structure(path: Path) -> None:
+    """Raises SlideError when ``path`` is a TIFF whose directories or data are cut short."""
+    if path.suffix.lower() in NO_STRUCTURE_CHECK_SUFFIXES:
+        return
+    try:
+        problem = _tiff_directory_problem(path)
+        if problem is None and _looks_like_tiff(path):
+            problem = _tiff_data_problem(path)
+    except OSError as exc:
+        raise SlideError(f"{path}: cannot read file: {_one_line(exc)}") from exc
+    except tifffile.TiffFileError as exc:
+        raise SlideError(f"{path}: corrupt TIFF: {_one_line(exc)}") from exc
+    if problem is not None:
+        raise SlideError(f"{path}: truncated or corrupt file: {problem}")
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -220,13 +305,16 @@ def _open_image(path: Path) -> _ImageReader:
             pixels = _load_tiff_pixels(path)
         else:
             pixels = _load_pillow_pixels(path)
-    except _DECODER_ERRORS as exc:
+    except _PILLOW_ERRORS as exc:
+        if not _is_decoder_error(exc):
+            raise
         raise SlideError(f"{path}: cannot read image: {_one_line(exc)}") from exc
     return _ImageReader(_to_rgb(pixels))
 
 
 def _open_reader(path: Path, backend: str) -> _Reader:
     """Open ``path`` with ``backend``; plain images the slide reader rejects fall back to image."""
+    _check_tiff_structure(path)
     if backend == "image":
         return _open_image(path)
     opener = openslide.OpenSlide if backend == "openslide" else tiffslide.TiffSlide
@@ -244,11 +332,15 @@ def _open_reader(path: Path, backend: str) -> _Reader:
             return _open_image(path)
         raise SlideError(f"{path}: not a slide format {backend} can read") from exc
     except _DECODER_ERRORS as exc:
+        if not _is_decoder_error(exc):
+            raise
         raise SlideError(f"{path}: cannot open slide with {backend}: {_one_line(exc)}") from exc
     try:  # tiffslide parses levels and properties lazily: a truncated file can fail here
         return _OpenSlideLikeReader(handle, backend)
     except _DECODER_ERRORS as exc:
         handle.close()
+        if not _is_decoder_error(exc):
+            raise
         raise SlideError(f"{path}: cannot open slide with {backend}: {_one_line(exc)}") from exc
 
 
@@ -278,7 +370,9 @@ def _tiff_page0(path: Path) -> tifffile.TiffPage | None:
             page = tif.pages.first
             page.tags  # noqa: B018 - tags are parsed while the file is open
             return page
-    except _DECODER_ERRORS:
+    except _DECODER_ERRORS as exc:
+        if not _is_decoder_error(exc):
+            raise
         return None
 
 
@@ -338,6 +432,10 @@ def _resolve_mpp(path: Path, reader: _Reader, override: float | None) -> tuple[f
                 source,
             )
     low, high = MPP_RANGE
+    if not (math.isfinite(mpp) and low <= mpp <= high) and source == "override":
+        raise SlideError(
+            f"--mpp {mpp:g}: implausible resolution (expected {low:g}-{high:g} µm per pixel)"
+        )
     if not (math.isfinite(mpp) and low <= mpp <= high):
         raise SlideError(
             f"{path}: implausible resolution {mpp:g} µm/px from {source} "
@@ -547,10 +645,13 @@ class Slide:
     def _read_level(
         self, level: int, xy_level: tuple[int, int], size_xy: tuple[int, int]
     ) -> np.ndarray:
-        assert self._reader is not None
+        if self._reader is None:
+            raise ValueError(f"{self.path}: slide is closed")
         try:
             return self._reader.read_level(level, xy_level, size_xy)
         except _DECODER_ERRORS as exc:
+            if not _is_decoder_error(exc):
+                raise
             (x, y), (w, h) = xy_level, size_xy
             raise SlideError(
                 f"{self.path}: cannot read pixels (level {level}, {w}x{h} at {x},{y}): "

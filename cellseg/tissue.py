@@ -8,6 +8,9 @@ merely splits sensor noise (one population: a fixed threshold is used instead), 
 is all tissue it splits haematoxylin from eosin (it lands above the band and is clamped down).
 This is the CLAM/HistomicsTK recipe (saturation threshold, then morphology) with Otsu kept for
 stains that are paler or stronger than usual.
+
+A greyscale image (a grey PNG, a desaturated scan) has no saturation at all; there tissue is
+found by darkness instead (glass is the brightest thing on a slide), with the same Otsu rule.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ SATURATION_BAND = (0.04, 0.10)  # clamp for Otsu: glass stays below 0.04, pale s
 FALLBACK_SATURATION = 0.07  # used when Otsu splits a single population (all glass, one stain)
 MIN_OTSU_EFFECTIVENESS = 0.8  # σ²_between / σ²_total; a unimodal Gaussian gives 2/π ≈ 0.64
 SMOOTHING_SIGMA_PX = 1.0
+GREY_SPREAD = 8 / 255  # max - min over R, G, B below which a pixel is grey
+GREY_FRACTION = 0.99  # share of grey pixels that makes the whole thumbnail greyscale
+DARKNESS_BAND = (0.08, 0.25)  # 1 - brightness: glass is ~0.05, the palest tissue ~0.15
+FALLBACK_DARKNESS = 0.12
 
 
 def _otsu_effectiveness(values: np.ndarray, threshold: float) -> float:
@@ -32,17 +39,28 @@ def _otsu_effectiveness(values: np.ndarray, threshold: float) -> float:
     return float(between / values.var())
 
 
-def tissue_threshold(saturation: np.ndarray, band: tuple[float, float] = SATURATION_BAND) -> float:
+def is_greyscale(rgb: np.ndarray) -> bool:
+    """Whether an ``H×W×3`` float image in [0, 1] is grey (R = G = B) almost everywhere."""
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)
+    return float(np.mean(spread <= GREY_SPREAD)) >= GREY_FRACTION
+
+
+def tissue_threshold(
+    saturation: np.ndarray,
+    band: tuple[float, float] = SATURATION_BAND,
+    fallback: float = FALLBACK_SATURATION,
+) -> float:
     """Saturation threshold separating tissue (above) from glass (below), values in [0, 1].
 
     Otsu's threshold when it splits two distinct populations (effectiveness η ≥
-    ``MIN_OTSU_EFFECTIVENESS``), clamped to ``band``; otherwise ``FALLBACK_SATURATION``.
+    ``MIN_OTSU_EFFECTIVENESS``), clamped to ``band``; otherwise ``fallback``. (Used on darkness
+    too, for greyscale images.)
     """
     if np.ptp(saturation) == 0:  # a constant image has no Otsu threshold
-        return FALLBACK_SATURATION
+        return fallback
     threshold = float(filters.threshold_otsu(saturation))
     if _otsu_effectiveness(saturation, threshold) < MIN_OTSU_EFFECTIVENESS:
-        return FALLBACK_SATURATION
+        return fallback
     return float(np.clip(threshold, *band))
 
 
@@ -67,8 +85,12 @@ def tissue_mask(
     rgb = ndi.gaussian_filter(
         thumbnail_rgb.astype(np.float32) / 255, (SMOOTHING_SIGMA_PX,) * 2 + (0,)
     )
-    saturation = color.rgb2hsv(np.clip(rgb, 0, 1))[..., 1]
-    mask = saturation > tissue_threshold(saturation, band)
+    if is_greyscale(rgb):
+        darkness = 1.0 - rgb.mean(axis=-1)
+        mask = darkness > tissue_threshold(darkness, DARKNESS_BAND, FALLBACK_DARKNESS)
+    else:
+        saturation = color.rgb2hsv(np.clip(rgb, 0, 1))[..., 1]
+        mask = saturation > tissue_threshold(saturation, band)
     if closing_radius_px > 0:
         mask = morphology.closing(mask, morphology.disk(closing_radius_px))
     mask = morphology.opening(mask, morphology.disk(1))
