@@ -19,3 +19,11 @@ class SlideError(CellsegError):
 
 class ModelError(CellsegError):
     """A model checkpoint is missing, unreadable or incompatible."""
+
+
+class OutputError(CellsegError):
+    """An output cannot be written: read-only or full disk, no permission, two outputs clash."""
+
+
+class BusyError(CellsegError):
+    """Another process holds the slide's lock (it is being processed right now)."""

@@ -584,6 +584,8 @@ class GeoJSONWriter:
         class_name: ``properties.classification.name``.
         color: ``properties.classification.color`` as (r, g, b) 0-255 (QuPath needs a colour to
             accept a classification object).
+        publish: rename to ``path`` on a clean exit; False leaves the finished file at
+            ``partial_path`` for the caller to rename together with its other outputs.
     """
 
     def __init__(
@@ -592,6 +594,8 @@ class GeoJSONWriter:
         object_type: str = "detection",
         class_name: str = "Nucleus",
         color: tuple[int, int, int] = DEFAULT_COLOR,
+        *,
+        publish: bool = True,
     ) -> None:
         if object_type not in OBJECT_TYPES:
             raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
@@ -599,6 +603,7 @@ class GeoJSONWriter:
             raise ValueError(f"color must be three integers 0-255, got {color!r}")
         self.path = Path(path)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
+        self.publish = publish  # False: the caller renames partial_path (with other outputs)
         self.object_type = object_type
         self.classification = {"name": class_name, "color": list(color)}
         self.features_written = 0
@@ -678,7 +683,8 @@ class GeoJSONWriter:
             self.abort()
             raise
         self._text = self._raw = None
-        os.replace(self.partial_path, self.path)
+        if self.publish:
+            os.replace(self.partial_path, self.path)
         log.info("wrote %d features to %s", self.features_written, self.path)
 
     def abort(self) -> None:

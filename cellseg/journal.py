@@ -84,6 +84,7 @@ class Journal:
         self.nuclei_bytes = 0
         self.counters: dict[str, float] = {}
         self.resumed = False
+        self.publishing: dict[str, Any] | None = None  # set once the outputs are being renamed
         self._nuclei_file = None
 
     @classmethod
@@ -135,10 +136,28 @@ class Journal:
             "next_id": self.next_id,
             "nuclei_bytes": self.nuclei_bytes,
             "counters": self.counters,
+            "publishing": self.publishing,
         }
         tmp = self.work_dir / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.work_dir / PROGRESS)
+
+    def mark_publishing(self, summary: dict[str, Any]) -> None:
+        """Commits that every output is complete under its partial name and that renaming them
+        has begun; a run killed from here on is finished by :func:`publishing_summary`'s caller
+        without recomputing anything."""
+        self.publishing = summary
+        self._save()
+
+    @staticmethod
+    def publishing_summary(work_dir: Path) -> dict[str, Any] | None:
+        """The summary of a run that was killed while renaming its outputs, else None."""
+        try:
+            state = json.loads((Path(work_dir) / PROGRESS).read_text())
+        except (OSError, ValueError):
+            return None
+        summary = state.get("publishing") if isinstance(state, dict) else None
+        return summary if isinstance(summary, dict) else None
 
     def record_region(
         self, nuclei: Iterable[NucleusRecord], next_id: int, counters: dict[str, float]
@@ -175,4 +194,24 @@ class Journal:
     def remove(self) -> None:
         """Deletes the work folder (after the outputs were written, or after a data error)."""
         self.close()
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        remove_work_dir(self.work_dir)
+
+
+def remove_work_dir(work_dir: Path) -> None:
+    """Deletes a work folder, ``progress.json`` first: a folder without it is left-over
+    garbage that the next run removes (a kill during the removal leaves no half journal)."""
+    (Path(work_dir) / PROGRESS).unlink(missing_ok=True)
+    _test_hook("journal-removed")
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+TEST_KILL_ENV = "CELLSEG_TEST_KILL_AT"
+
+
+def _test_hook(point: str) -> None:
+    """Kills this process with SIGKILL at ``point`` when ``CELLSEG_TEST_KILL_AT`` names it
+    (the kill-and-resume tests; never set in normal use)."""
+    if os.environ.get(TEST_KILL_ENV) == point:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

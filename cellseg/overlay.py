@@ -46,8 +46,9 @@ def draw_overlay(
     *,
     max_px: int = 2048,
     color: tuple[int, int, int] = OUTLINE_RGB,
+    publish: bool = True,
 ) -> Path:
-    """Writes ``path`` (PNG/JPEG/TIFF by suffix) atomically and returns it.
+    """Writes ``path`` (PNG/JPEG/TIFF by suffix) atomically and returns the file written.
 
     Args:
         slide: the open slide.
@@ -57,6 +58,8 @@ def draw_overlay(
         path: output picture.
         max_px: long side of the picture in pixels.
         color: outline colour (r, g, b).
+        publish: rename ``<path>.partial`` to ``path`` when done; False leaves it there (the
+            caller renames all of a slide's outputs together).
     """
     path = Path(path)
     fmt = overlay_format(path)
@@ -79,5 +82,7 @@ def draw_overlay(
         draw.polygon([tuple(p) for p in xy], outline=color)
     partial = path.with_name(path.name + ".partial")
     image.save(partial, format=fmt)
+    if not publish:
+        return partial
     os.replace(partial, path)
     return path

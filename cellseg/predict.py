@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -33,10 +32,20 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import CellsegError, SlideError
+from .errors import CellsegError, OutputError, SlideError
 from .geojson import OBJECT_TYPES, GeoJSONWriter
 from .instances import PostProcess
-from .journal import Journal
+from .journal import Journal, _test_hook, remove_work_dir
+from .outputs import (
+    SlideLock,
+    check_writable,
+    file_identity,
+    os_error_message,
+    output_conflicts,
+    provenance_differences,
+    read_json,
+    write_json_atomic,
+)
 from .overlay import draw_overlay, overlay_format
 from .pipeline import (
     PipelineSettings,
@@ -170,6 +179,33 @@ class SlideOutputs:
     def is_resumable(self) -> bool:
         return (self.work_dir / "progress.json").is_file()
 
+    def _beside_primary(self, suffix: str) -> Path:
+        primary = self.paths()[0]
+        return primary.with_name(primary.name + suffix)
+
+    @property
+    def lock_path(self) -> Path:
+        """The slide's lock file (:class:`cellseg.outputs.SlideLock`), beside the first output."""
+        return self._beside_primary(".cellseg-lock")
+
+    @property
+    def provenance_path(self) -> Path:
+        """What the outputs were made from (:func:`run_provenance`), beside the first output."""
+        return self._beside_primary(".cellseg-provenance.json")
+
+    def staged(self, path: Path) -> Path:
+        """Where ``path`` is written before all outputs are renamed together."""
+        if path == self.zarr:
+            return self.zarr_partial
+        return path.with_name(path.name + ".partial")
+
+    def publish_order(self) -> list[Path]:
+        """Final paths in renaming order; the provenance comes last (it vouches for the rest)."""
+        return [
+            *(p for p in (self.geojson, self.overlay, self.summary, self.zarr) if p),
+            self.provenance_path,
+        ]
+
 
 # ------------------------------------------------------------------------------------- planning
 
@@ -222,6 +258,19 @@ def _postprocess_for(predictor: TilePredictor, options: PredictOptions) -> PostP
     return PostProcess.from_dict(meta.get("postprocess", {}))
 
 
+MIN_THUMBNAIL_PX = 16  # thumbnail side below which the tissue mask is made at a finer mpp
+
+
+def _tissue_resolution(slide: Slide, tissue_mpp: float) -> tuple[float, int]:
+    """``(mpp, min_object_px)`` of the tissue mask: ``tissue_mpp`` and 64 px, except for images
+    so small (under ``MIN_THUMBNAIL_PX`` thumbnail pixels a side, e.g. a 50 px tile) that every
+    tissue object would be dropped as dust; those get a finer thumbnail and a smaller minimum."""
+    short_side_um = min(slide.dimensions_xy) * slide.mpp
+    if short_side_um / tissue_mpp >= MIN_THUMBNAIL_PX:
+        return tissue_mpp, 64
+    return max(slide.mpp, short_side_um / MIN_THUMBNAIL_PX), 4
+
+
 def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) -> SlidePlan:
     """Canvas, tile grid and tissue tiles of an open slide (reads only a thumbnail)."""
     model_mpp = float(predictor.mpp)
@@ -239,16 +288,17 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
     layout = TileLayout(canvas.height_px, canvas.width_px, tile_px, overlap, per_block, halo)
     tissue_area = None
     if options.tissue_mask:
-        thumbnail = slide.thumbnail(options.tissue_mpp)
-        mask = tissue_mask(thumbnail)
-        mask_scale = options.tissue_mpp / slide.mpp
+        tissue_mpp, min_object_px = _tissue_resolution(slide, options.tissue_mpp)
+        thumbnail = slide.thumbnail(tissue_mpp)
+        mask = tissue_mask(thumbnail, min_object_px=min_object_px)
+        mask_scale = tissue_mpp / slide.mpp
         tile_mask = tissue_tiles(mask, (mask_scale, mask_scale), canvas, layout)
         x, y, w, h = area
         crop = mask[
             math.floor(y / mask_scale) : math.ceil((y + h) / mask_scale),
             math.floor(x / mask_scale) : math.ceil((x + w) / mask_scale),
         ]
-        tissue_area = tissue_area_mm2(crop, options.tissue_mpp)
+        tissue_area = tissue_area_mm2(crop, tissue_mpp)
     else:
         tile_mask = np.ones(layout.n_tiles_yx, dtype=bool)
     name, sha = _model_identity(predictor, options)
@@ -327,19 +377,6 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
         "probability": "nucleus probability (p_interior + p_boundary) x 255, uint8",
         "labels": "instance ids, uint32, 0 = background; = GeoJSON measurement 'Label'",
     }
-
-
-def _replace_dir(partial: Path, final: Path) -> None:
-    """Moves a finished folder into place (replacing an older one: ``--overwrite``)."""
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
-    os.replace(partial, final)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def _versions() -> dict[str, str]:
@@ -430,6 +467,7 @@ def _summary(
         else None,
         "seconds_per_mm2": round(seconds / area, 3) if area else None,
         "resumed": journal.resumed,
+        "warnings": _result_warnings(plan, options, journal.next_id - 1),
         "peak_rss_mb": _peak_rss_mb(),
         "stages": stats.pipeline.to_dict(),
         "tiling": {
@@ -488,13 +526,16 @@ def _predict_planned(
     started: float,
     reader: RegionReader,
 ) -> dict[str, Any]:
+    """Runs the unfinished regions and writes every output under its staged (partial) name."""
     store = _open_store(plan, options, outputs, journal)
     stats = _RunStats(base_seconds=float(journal.counters.get("seconds", 0.0)))
     settings = pipeline_settings(options)
     with contextlib.ExitStack() as stack:
         writer = None
         if outputs.geojson is not None:
-            writer = stack.enter_context(GeoJSONWriter(outputs.geojson, options.object_type))
+            writer = stack.enter_context(
+                GeoJSONWriter(outputs.geojson, options.object_type, publish=False)
+            )
             for record in journal.nuclei():  # replay what an interrupted run committed
                 writer.write(record.polygon, record.measurements)
         stats.pipeline = run_pipeline(
@@ -509,18 +550,137 @@ def _predict_planned(
             on_region=on_region,
         )
     store.finish({"nuclei": journal.next_id - 1})
-    if outputs.zarr is not None:
-        _replace_dir(outputs.zarr_partial, outputs.zarr)
     if outputs.overlay is not None:
         outlines = (record.polygon for record in journal.nuclei())
         draw_overlay(
-            slide, plan.area_xywh, outlines, outputs.overlay, max_px=options.overlay_max_px
+            slide,
+            plan.area_xywh,
+            outlines,
+            outputs.overlay,
+            max_px=options.overlay_max_px,
+            publish=False,
         )
     stats.session_seconds = time.monotonic() - started
     summary = _summary(plan, options, outputs, journal, stats, predictor)
+    for warning in summary["warnings"]:
+        log.warning("%s: %s", plan.slide_path, warning)
     if outputs.summary is not None:
-        _write_json(outputs.summary, summary)
+        write_json_atomic(outputs.summary, summary, partial=outputs.staged(outputs.summary))
     return summary
+
+
+def _result_warnings(plan: SlidePlan, options: PredictOptions, nuclei: int) -> list[str]:
+    """Why a finished run may not be what the user expected (empty results are never silent)."""
+    if not plan.tile_mask.any():
+        return [
+            "no tissue found, so no tile was run and the outputs are empty "
+            "(--no-tissue-mask runs every tile)"
+        ]
+    if nuclei == 0:
+        return ["no nuclei found"]
+    return []
+
+
+def run_provenance(
+    slide_path: Path, predictor: TilePredictor, options: PredictOptions, outputs: SlideOutputs
+) -> dict[str, Any]:
+    """What a slide's outputs are made from: input file, model and every option that changes
+    them (issue 12 item 6). Saved beside the outputs; a later run skips the slide only when its
+    own provenance is the same (:func:`cellseg.outputs.provenance_differences`)."""
+    name, sha = _model_identity(predictor, options)
+    return {
+        "input": file_identity(slide_path),
+        "model": [sha or name, float(predictor.mpp), int(predictor.num_classes)],
+        "mpp": options.mpp,
+        "roi": list(options.roi_xywh) if options.roi_xywh else None,
+        "tta": bool(getattr(predictor, "tta", False)),
+        "tissue_mask": options.tissue_mask,
+        "object_type": options.object_type,
+        "precision": _precision_of(predictor, options),
+        "postprocess": _postprocess_for(predictor, options).to_dict(),
+        "geometry": [
+            options.backend,
+            options.tissue_mpp,
+            options.overlap_px,
+            options.region_px,
+            options.halo_um,
+            options.chunk_px,
+            options.overlay_max_px,
+        ],
+        "outputs": sorted(str(p.resolve()) for p in outputs.paths()),
+    }
+
+
+def _precision_of(predictor: TilePredictor, options: PredictOptions) -> str | None:
+    value = getattr(options, "precision", None) or getattr(predictor, "precision", None)
+    return None if value is None else str(value)
+
+
+def _model_inputs(predictor: TilePredictor) -> list[Path]:
+    path = getattr(getattr(predictor, "bundle", None), "path", None)
+    return [Path(path)] if path else []
+
+
+def _publish(outputs: SlideOutputs) -> None:
+    """Renames every staged output to its final name (replacing older ones: --overwrite).
+
+    Idempotent: a run killed half way is finished by calling it again (staged files that are
+    gone were already renamed).
+    """
+    for final in outputs.publish_order():
+        staged = outputs.staged(final)
+        if not staged.exists():
+            continue
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        _test_hook(f"published:{final.name}")
+
+
+def _discard_staged(outputs: SlideOutputs) -> None:
+    for final in outputs.publish_order():
+        staged = outputs.staged(final)
+        if staged.is_dir():
+            shutil.rmtree(staged, ignore_errors=True)
+        else:
+            staged.unlink(missing_ok=True)
+
+
+def _finish_interrupted(outputs: SlideOutputs) -> dict[str, Any] | None:
+    """Completes the renaming of a run killed while publishing (returns its summary), and
+    removes a left-over work folder that has no journal in it."""
+    work_dir = outputs.work_dir
+    summary = Journal.publishing_summary(work_dir)
+    if summary is not None:
+        log.info("%s: finishing the renaming of an interrupted run", work_dir)
+        _publish(outputs)
+        remove_work_dir(work_dir)
+        return {**summary, "resumed": True}
+    if work_dir.is_dir() and not outputs.is_resumable():
+        log.info("%s: removing a left-over work folder", work_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return None
+
+
+def _check_existing(
+    outputs: SlideOutputs, options: PredictOptions, provenance: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The recorded summary (``skipped``) when the outputs exist and match ``provenance``;
+    None when there is work to do; OutputError when outputs exist but do not match."""
+    existing = outputs.existing()
+    if not existing or options.overwrite or outputs.is_resumable():
+        return None
+    saved = read_json(outputs.provenance_path) or {}
+    differences = provenance_differences(saved.get("provenance"), provenance)
+    if not differences and len(existing) == len(outputs.paths()) and "summary" in saved:
+        return {**saved["summary"], "skipped": True}
+    if not differences:
+        missing = [str(p) for p in outputs.paths() if p not in existing]
+        differences = [f"{', '.join(missing)} missing"]
+    raise OutputError(
+        f"{existing[0]}: already exists, from a different run ({'; '.join(differences)}); "
+        "pass --overwrite to replace it"
+    )
 
 
 def predict_slide(
@@ -535,7 +695,10 @@ def predict_slide(
     """Segments the nuclei of one slide and writes the requested outputs.
 
     Resumes an interrupted run of the same slide, model and parameters from its journal (the
-    ``<first output>.cellseg-work`` folder). Outputs appear under their names only when complete.
+    ``<first output>.cellseg-work`` folder). Outputs are written under staged names
+    (``<name>.partial``) and renamed together at the end, so every final name holds a complete
+    file; a run killed while renaming is finished by the next call. The slide is locked
+    (``<first output>.cellseg-lock``) for the whole run, so two processes never work on it.
 
     Args:
         slide_path: the slide (or a small plain image).
@@ -550,13 +713,20 @@ def predict_slide(
         The run summary (also written to ``outputs.summary``): mpp used and its source, tissue
         area, tiles, nuclei, seconds, peak resident memory (``peak_rss_mb``), where this
         session's pipeline time went (``stages``: :class:`cellseg.pipeline.PipelineStats`),
-        model and versions.
+        ``warnings`` (e.g. no tissue found), model and versions. When the outputs already exist
+        and their recorded provenance (:func:`run_provenance`) matches, nothing is done and the
+        recorded summary is returned with ``skipped: True``.
 
     Raises:
-        CellsegError: an output exists (without ``overwrite``), the slide cannot be opened or
-            read, or its mpp is unknown. Nothing is left under the output names, and the
-            partial state is removed. Other exceptions (including KeyboardInterrupt) keep the
-            partial state so that the next run resumes.
+        OutputError: two outputs share a path, an output is an input, a folder cannot be
+            written (checked before the slide is read), outputs from a different run exist
+            (without ``overwrite``), or the disk filled up during the run (the partial state is
+            kept: the same call resumes).
+        BusyError: another process holds the slide's lock.
+        SlideError: the slide cannot be opened or read, or its mpp is unknown. Nothing is left
+            under the output names, and the partial state is removed.
+        Other exceptions (including KeyboardInterrupt) keep the partial state so that the next
+        run resumes.
     """
     options = options or PredictOptions()
     slide_path = Path(slide_path)
@@ -564,16 +734,51 @@ def predict_slide(
         raise ValueError("SlideOutputs: no output requested")
     if outputs.overlay is not None:
         overlay_format(outputs.overlay)
-    existing = outputs.existing()
-    if existing and not options.overwrite and not outputs.is_resumable():
-        raise CellsegError(f"{existing[0]}: already exists (pass --overwrite to replace it)")
+    conflict = output_conflicts(outputs.paths(), [slide_path, *_model_inputs(predictor)])
+    if conflict is not None:
+        raise OutputError(conflict)
+    check_writable([*outputs.paths(), outputs.lock_path])
+    if not slide_path.is_file():
+        raise SlideError(f"{slide_path}: no such file")
+    try:
+        with SlideLock(outputs.lock_path, label=str(slide_path)):
+            return _predict_locked(slide_path, predictor, outputs, options, progress, on_region)
+    except OSError as exc:
+        message = os_error_message(exc, outputs.work_dir)
+        if message is None:
+            raise
+        raise OutputError(message) from exc
+
+
+def _predict_locked(
+    slide_path: Path,
+    predictor: TilePredictor,
+    outputs: SlideOutputs,
+    options: PredictOptions,
+    progress: bool,
+    on_region: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    finished = _finish_interrupted(outputs)
+    if finished is not None:
+        return finished
+    provenance = run_provenance(slide_path, predictor, options, outputs)
+    recorded = _check_existing(outputs, options, provenance)
+    if recorded is not None:
+        return recorded
     started = time.monotonic()
+
+    def region_done(done: int, total: int) -> None:
+        _test_hook(f"region:{done}")
+        if on_region is not None:
+            on_region(done, total)
+
     with contextlib.ExitStack() as stack:
         slide = stack.enter_context(open_slide(slide_path, options.backend, options.mpp))
         source = SlideSource(Path(slide.path), slide.backend, options.mpp)
         reader = stack.enter_context(RegionReader(source, pipeline_settings(options).workers))
         reader.start()  # the workers start up (seconds) while the slide is planned
         plan = plan_slide(slide, predictor, options)
+        _log_plan(slide, plan)
         for path in outputs.paths():
             path.parent.mkdir(parents=True, exist_ok=True)
         journal = Journal.open(outputs.work_dir, _fingerprint(plan, options, outputs))
@@ -586,7 +791,7 @@ def predict_slide(
                 outputs,
                 journal,
                 progress,
-                on_region,
+                region_done,
                 started,
                 reader,
             )
@@ -594,6 +799,31 @@ def predict_slide(
             # A data error will fail again: leave nothing behind.
             journal.remove()
             shutil.rmtree(outputs.zarr_partial, ignore_errors=True)
+            _discard_staged(outputs)
             raise
+        write_json_atomic(
+            outputs.provenance_path,
+            {"provenance": provenance, "summary": summary},
+            partial=outputs.staged(outputs.provenance_path),
+        )
+        _test_hook("staged")
+        journal.mark_publishing(summary)
+        _publish(outputs)
         journal.remove()
     return summary
+
+
+def _log_plan(slide: Slide, plan: SlidePlan) -> None:
+    level = slide.best_level(plan.model_mpp)
+    log.info(
+        "%s: %.4g µm/px from %s; reading pyramid level %d (downsample %.3g) for %.3g µm/px",
+        slide.path,
+        slide.mpp,
+        slide.mpp_source,
+        level,
+        slide.level_downsamples[level],
+        plan.model_mpp,
+    )
+    log.info(
+        "%s: %d of %d tiles on tissue", slide.path, int(plan.tile_mask.sum()), plan.tile_mask.size
+    )

@@ -168,6 +168,9 @@ class PredictionStore:
             del self._arrays[INTERIOR]
             del self.group[INTERIOR]
             self.has_interior = False
+        # Deleting an array removes its metadata first: a run killed meanwhile leaves its chunk
+        # folder behind, which a resumed run no longer sees as an array. Remove it by name.
+        shutil.rmtree(self.path / INTERIOR, ignore_errors=True)
         self.group.attrs.update({**attrs, "complete": True})
 
 

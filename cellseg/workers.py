@@ -71,9 +71,7 @@ def configure_worker_logging() -> None:
     logging.captureWarnings(True)
 
 
-def init_worker(
-    parent_pid: int, initializer: Callable[..., Any] | None = None, *args: Any
-) -> None:
+def init_worker(parent_pid: int, initializer: Callable[..., Any] | None = None, *args: Any) -> None:
     """Initializer of every helper process; then runs ``initializer(*args)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_parent_death_signal()
