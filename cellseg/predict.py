@@ -147,13 +147,15 @@ class SlideOutputs:
     summary: Path | None = None
 
     @classmethod
-    def in_dir(cls, out_dir: Path, slide_path: Path) -> SlideOutputs:
-        """``out_dir/<stem>.geojson``, ``<stem>.zarr`` and ``<stem>.json`` for a batch run."""
+    def in_dir(cls, out_dir: Path, slide_path: Path, *, overlay: bool = False) -> SlideOutputs:
+        """``out_dir/<stem>.geojson``, ``<stem>.zarr`` and ``<stem>.json`` for a batch run, and
+        ``<stem>.png`` with ``overlay``."""
         stem = Path(slide_path).stem
         out_dir = Path(out_dir)
         return cls(
             geojson=out_dir / f"{stem}.geojson",
             zarr=out_dir / f"{stem}.zarr",
+            overlay=out_dir / f"{stem}.png" if overlay else None,
             summary=out_dir / f"{stem}.json",
         )
 

@@ -6,6 +6,7 @@ import click
 
 from cellseg import __version__
 
+from .common import configure_logging
 from .evaluate import evaluate_command
 from .train import train_command
 
@@ -14,8 +15,16 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="cellseg")
-def cellseg() -> None:
+@click.option(
+    "-v", "--verbose", count=True, help="More messages: -v info (mpp source, level), -vv debug."
+)
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr (no progress bar).")
+@click.pass_context
+def cellseg(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Nucleus segmentation for H&E whole-slide images with CausalCellSegmenter.
+
+    Exit status: 0 done, 1 a failure (one "error:" line; in a batch, any failed slide),
+    2 a usage error, 130 interrupted (Ctrl-C or SIGTERM; the same command resumes).
 
     \b
     Examples:
@@ -23,6 +32,10 @@ def cellseg() -> None:
       cellseg train --data monuseg/ --out runs/wsi
       cellseg evaluate --data monuseg/test --model runs/wsi/best.safetensors
     """
+    if verbose and quiet:
+        raise click.UsageError("-v and -q contradict each other")
+    configure_logging(verbose, quiet)
+    ctx.obj = {"quiet": quiet}
 
 
 cellseg.add_command(train_command, "train")

@@ -6,12 +6,13 @@ imported when the command runs, so ``cellseg --help`` stays instant.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import click
 
-from .common import device_option, fail, tta_option, user_errors
+from .common import EXIT_FAILURE, EXIT_INTERRUPTED, device_option, fail, tta_option, user_errors
 
 OBJECT_TYPES = ("detection", "cell", "annotation")  # cellseg.geojson.OBJECT_TYPES
 GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")  # what QuPath imports
@@ -40,10 +41,14 @@ def _check_suffix(path: Path | None, allowed: tuple[str, ...], option: str) -> N
         fail(f"{option} {path}: expected a file ending in {', '.join(allowed)}")
 
 
-def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary):
+def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary, overlays=False):
     """One ``SlideOutputs`` per slide; usage errors exit with one line."""
     from cellseg.predict import SlideOutputs
 
+    if overlays and out_dir is None:
+        fail("--overlays writes <stem>.png in --out-dir; give --out-dir (or --overlay FILE)")
+    if overlays and overlay is not None:
+        fail("--overlay and --overlays contradict each other; give one")
     explicit = {"--out": geojson, "--zarr": zarr_path, "--overlay": overlay, "--summary": summary}
     given = [name for name, value in explicit.items() if value is not None]
     if len(slides) > 1:
@@ -62,7 +67,11 @@ def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary):
     _check_suffix(summary, (".json",), "--summary")
     plans = []
     for slide in slides:
-        base = SlideOutputs.in_dir(out_dir, slide) if out_dir is not None else SlideOutputs()
+        base = (
+            SlideOutputs.in_dir(out_dir, slide, overlay=overlays)
+            if out_dir is not None
+            else SlideOutputs()
+        )
         plans.append(
             SlideOutputs(
                 geojson=geojson or base.geojson,
@@ -74,6 +83,47 @@ def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary):
     return plans
 
 
+def _check_mpp(mpp: float | None) -> None:
+    from cellseg.slide import MPP_RANGE
+
+    low, high = MPP_RANGE
+    if mpp is not None and not (math.isfinite(mpp) and low <= mpp <= high):
+        fail(f"--mpp {mpp:g}: expected a resolution of {low:g}-{high:g} µm per pixel")
+
+
+def _check_paths(slides, plans, model_path: Path | None, cohort: Path | None) -> None:
+    """Refuses (usage error) outputs that share a path or that are inputs, before any work."""
+    from cellseg.outputs import output_conflicts
+
+    paths = [p for plan in plans for p in plan.paths()]
+    if cohort is not None:
+        paths.append(cohort)
+    inputs = [*slides, *([model_path] if model_path is not None else [])]
+    problem = output_conflicts(paths, inputs)
+    if problem is not None:
+        fail(problem)
+
+
+def _report(slide: Path, row: dict, outputs, quiet: bool) -> None:
+    """One line per slide: the result on stdout, anything else on stderr."""
+    status = row["status"]
+    name = click.format_filename(slide)
+    if status == "failed":
+        click.echo(f"error: {row['error']}", err=True)
+    elif status == "busy":
+        click.echo(f"warning: {row['error']}", err=True)
+    elif status == "skipped":
+        if not quiet:
+            click.echo(
+                f"{name}: skipped, outputs of the same run exist (--overwrite to redo)", err=True
+            )
+    else:
+        click.echo(
+            f"{name}: {row['nuclei']} nuclei, {float(row['seconds'] or 0):.1f} s -> "
+            f"{', '.join(map(str, outputs.paths()))}"
+        )
+
+
 def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     from cellseg.checkpoint import default_model_path, load_bundle
     from cellseg.inference import Predictor
@@ -83,7 +133,8 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
         if not model_path.is_file():
             fail(
                 "no default model is installed with this copy of cellseg; pass --model "
-                "<checkpoint.safetensors> (e.g. runs/wsi/best.safetensors from cellseg train)"
+                "<checkpoint.safetensors> (e.g. runs/wsi/best.safetensors from cellseg train)",
+                code=EXIT_FAILURE,
             )
     return Predictor(load_bundle(model_path), device=device, tta=tta)
 
@@ -127,7 +178,13 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     "--out-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Write <stem>.geojson, <stem>.zarr and <stem>.json per slide here.",
+    help="Write <stem>.geojson, <stem>.zarr and <stem>.json per slide here, and cohort.csv "
+    "(one row per slide: status, error, nuclei, tissue mm², ...).",
+)
+@click.option(
+    "--overlays",
+    is_flag=True,
+    help="With --out-dir: also write an overlay picture <stem>.png per slide.",
 )
 @click.option(
     "--backend",
@@ -140,7 +197,7 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     "--mpp",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="µm per level-0 pixel, overriding the slide's metadata.",
+    help="µm per level-0 pixel, overriding the slide's metadata (0.05-20).",
 )
 @click.option(
     "--roi",
@@ -180,9 +237,16 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     show_default=True,
     help="QuPath object type of each nucleus.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs instead of skipping.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Redo slides whose outputs exist (without it, outputs of the same run are skipped and "
+    "outputs of a different run are an error).",
+)
+@click.pass_context
 @user_errors
 def predict_command(
+    ctx,
     slides,
     model_path,
     geojson,
@@ -190,6 +254,7 @@ def predict_command(
     overlay,
     summary,
     out_dir,
+    overlays,
     backend,
     mpp,
     roi,
@@ -205,20 +270,29 @@ def predict_command(
     """Segment the nuclei of one or more whole-slide images.
 
     Each slide is read at the model's resolution, tissue tiles are run through the network and
-    blended without seams, and every nucleus becomes one QuPath detection. Slides whose outputs
-    exist are skipped (unless --overwrite); an interrupted slide resumes where it stopped; a
-    slide that cannot be read is reported and the others go on (exit status 2 at the end).
+    blended without seams, and every nucleus becomes one QuPath detection. A slide whose
+    outputs exist from the same inputs and options is skipped (a changed input or option is an
+    error unless --overwrite); an interrupted slide resumes where it stopped; a slide that
+    fails is reported and recorded in <out-dir>/cohort.csv, the others go on, and the exit
+    status is 1 at the end.
 
     \b
     Examples:
       cellseg predict slide.svs --out nuclei.geojson --zarr nuclei.zarr --overlay overview.png
-      cellseg predict cohort/*.svs --out-dir results/ --device cuda --batch-size 256
+      cellseg predict cohort/*.svs --out-dir results/ --overlays --device cuda --batch-size 256
       cellseg predict slide.mrxs --roi 20000,15000,4000,4000 --mpp 0.243 --out roi.geojson.gz
     """
-    plans = _plan_outputs(list(slides), out_dir, geojson, zarr_path, overlay, summary)
-    from cellseg.errors import CellsegError
-    from cellseg.predict import PredictOptions, predict_slide
+    slides = list(slides)
+    plans = _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary, overlays)
+    _check_mpp(mpp)
+    cohort = out_dir / "cohort.csv" if out_dir is not None else None
+    _check_paths(slides, plans, model_path, cohort)
+    from cellseg.batch import SlideJob, run_slide, update_cohort
+    from cellseg.outputs import check_writable
+    from cellseg.predict import PredictOptions
 
+    # Before the model is loaded or any slide read: a read-only --out-dir fails in a second.
+    check_writable([p for plan in plans for p in plan.paths()] + ([cohort] if cohort else []))
     predictor = _load_predictor(model_path, device, tta)
     options = PredictOptions(
         backend=backend,
@@ -231,27 +305,26 @@ def predict_command(
         object_type=object_type,
         overwrite=overwrite,
     )
-    failed = 0
+    quiet = bool((ctx.obj or {}).get("quiet"))
+    progress = sys.stderr.isatty() and not quiet
+    failed = []
     for slide, outputs in zip(slides, plans, strict=True):
-        if not overwrite and not outputs.is_resumable() and outputs.existing() == outputs.paths():
-            click.echo(f"{slide}: skipped, outputs exist (--overwrite to redo)", err=True)
-            continue
-        if outputs.is_resumable():
+        if outputs.is_resumable() and not quiet:
             click.echo(f"{slide}: resuming the interrupted run", err=True)
+        job = SlideJob(outputs, options, model_path, device, tta, progress=progress)
         try:
-            result = predict_slide(slide, predictor, outputs, options, progress=sys.stderr.isatty())
-        except CellsegError as exc:
-            click.echo(f"error: {exc}", err=True)
-            failed += 1
-            continue
+            row = run_slide(slide, job, predictor)
         except KeyboardInterrupt:
-            click.echo(f"{slide}: stopped; the same command resumes it", err=True)
-            raise
-        click.echo(
-            f"{slide}: {result['nuclei']} nuclei, {result['tiles']} tiles, "
-            f"{result['seconds']:.1f} s -> {', '.join(map(str, outputs.paths()))}"
-        )
+            click.echo(f"{slide}: interrupted; the same command resumes it", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        _report(slide, row, outputs, quiet)
+        if cohort is not None:
+            update_cohort(cohort, [row])
+        if row["status"] == "failed":
+            failed.append(slide)
     if failed:
         if len(slides) > 1:
-            click.echo(f"{failed} of {len(slides)} slides failed", err=True)
-        sys.exit(2)
+            names = ", ".join(str(s) for s in failed)
+            where = f"; recorded in {cohort}" if cohort is not None else ""
+            click.echo(f"{len(failed)} of {len(slides)} slides failed: {names}{where}", err=True)
+        sys.exit(EXIT_FAILURE)

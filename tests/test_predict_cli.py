@@ -15,6 +15,7 @@ from oracle import DiscOracle, disc_image
 from slides import make_pyramid_tiff
 
 import cli.predict as cli_predict
+from cellseg.batch import read_cohort
 from cli.main import cellseg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,13 +94,13 @@ def test_missing_default_model_asks_for_model(monkeypatch, tmp_path, good_slides
 
     monkeypatch.setattr(checkpoint, "default_model_path", lambda: tmp_path / "none.safetensors")
     result = run(good_slides[0], "--out", tmp_path / "n.geojson")
-    assert result.exit_code == 2 and "--model" in result.stderr
+    assert result.exit_code == 1 and "--model" in result.stderr
     assert len(stderr_lines(result)) == 1 and not (tmp_path / "n.geojson").exists()
 
 
 def test_a_broken_slide_gives_one_line_and_no_file(oracle, tmp_path, garbage_slide):
     result = run(garbage_slide, "--out", tmp_path / "n.geojson", "--zarr", tmp_path / "n.zarr")
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert stderr_lines(result) == [stderr_lines(result)[0]]
     assert stderr_lines(result)[0].startswith("error: ") and "garbage.svs" in result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -111,20 +112,37 @@ def test_batch_goes_on_past_bad_slides_and_fails_at_the_end(
     out = tmp_path / "results"
     slides = [good_slides[0], garbage_slide, slide_without_mpp, good_slides[1]]
     result = run(*slides, "--out-dir", out)
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     errors = [line for line in stderr_lines(result) if line.startswith("error: ")]
     assert len(errors) == 2 and "garbage.svs" in errors[0] and "no_mpp.svs" in errors[1]
-    assert "2 of 4 slides failed" in result.stderr
+    last = stderr_lines(result)[-1]
+    assert last.startswith("2 of 4 slides failed: ") and "garbage.svs" in last
+    assert "no_mpp.svs" in last and "cohort.csv" in last
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"good{i}.{ext}" for i in (0, 1) for ext in ("geojson", "json", "zarr"))
+    expected = [f"good{i}.{ext}" for i in (0, 1) for ext in ("geojson", "json", "zarr")]
+    provenance = [f"good{i}.geojson.cellseg-provenance.json" for i in (0, 1)]
+    assert names == sorted([*expected, *provenance, "cohort.csv"])
+    rows = {Path(r["slide"]).name: r for r in read_cohort(out / "cohort.csv")}
+    assert sorted(rows) == sorted(s.name for s in slides)
+    assert rows["garbage.svs"]["status"] == "failed" and "garbage.svs" in rows["garbage.svs"]["error"]
+    assert rows["no_mpp.svs"]["status"] == "failed" and "mpp" in rows["no_mpp.svs"]["error"]
     for i in (0, 1):
         summary = json.loads((out / f"good{i}.json").read_text())
         collection = json.loads((out / f"good{i}.geojson").read_text())
         assert summary["nuclei"] == len(collection["features"]) > 20
         assert f"good{i}.svs: {summary['nuclei']} nuclei" in result.output
 
+    for i in (0, 1):
+        row = rows[f"good{i}.svs"]
+        assert row["status"] == "done" and int(row["nuclei"]) > 20 and row["mpp"] == "0.5"
+        assert float(row["nuclei_per_mm2"]) == pytest.approx(
+            int(row["nuclei"]) / float(row["tissue_mm2"]), rel=1e-3
+        )
+
     again = run(*slides[:1], slides[3], "--out-dir", out)
-    assert again.exit_code == 0 and again.stderr.count("skipped, outputs exist") == 2
+    assert again.exit_code == 0 and again.stderr.count("skipped, outputs of the same run") == 2
+    rows = {Path(r["slide"]).name: r for r in read_cohort(out / "cohort.csv")}
+    assert rows["good0.svs"]["status"] == "skipped" and rows["garbage.svs"]["status"] == "failed"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,221 @@
+"""One slide of a cohort as a self-contained task, and the cohort report ``cohort.csv``.
+
+:func:`run_slide` is what ``cellseg predict`` runs for every slide, and what a distributed
+executor (Dask, a Slurm array task) can run instead: a top-level, picklable function of a slide
+path and a picklable :class:`SlideJob` (options, output paths, model *path*), returning a plain
+dict, the slide's row of ``cohort.csv``. The model is loaded through a per-process cache
+(:func:`cached_predictor`), so a worker process loads it once for all its slides.
+
+A slide that fails with an unexpected error is retried once (``SlideJob.retries``); errors that
+would only fail again (a broken slide, unknown mpp, a full disk) are recorded at once. Another
+process holding the slide's lock gives status ``busy`` (that process records the slide).
+
+:func:`update_cohort` merges rows into ``cohort.csv`` keyed by slide, under a short lock, written
+atomically, so several processes (or runs) can share one report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BusyError, CellsegError, ModelError, OutputError, SlideError
+from .predict import PredictOptions, SlideOutputs, _precision_of, predict_slide
+
+log = logging.getLogger(__name__)
+
+COHORT_COLUMNS = (
+    "slide",
+    "status",  # done, skipped (outputs of the same run exist), failed, busy (locked elsewhere)
+    "error",
+    "nuclei",
+    "tissue_mm2",
+    "nuclei_per_mm2",
+    "mpp",
+    "mpp_source",
+    "seconds",
+    "model_sha256",
+    "precision",
+)
+COHORT_LOCK_WAIT_S = 60.0  # a cohort.csv lock older than this belongs to a dead process
+# Failures that a second attempt would only repeat.
+_FINAL_ERRORS = (SlideError, ModelError, OutputError)
+
+_PREDICTORS: dict[tuple, Any] = {}
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """How to process one slide, without the slide path (picklable: no model, no open file).
+
+    Attributes:
+        outputs: where the slide's results go.
+        options: reading, tiling and post-processing choices.
+        model_path: checkpoint; None: the model shipped with cellseg.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        tta: test-time augmentation.
+        retries: further attempts after an unexpected failure.
+        progress: draw a progress bar on stderr.
+    """
+
+    outputs: SlideOutputs
+    options: PredictOptions
+    model_path: Path | None = None
+    device: str = "auto"
+    tta: bool = False
+    retries: int = 1
+    progress: bool = False
+
+
+def cached_predictor(model_path: Path | None, device: str = "auto", tta: bool = False) -> Any:
+    """The ``cellseg.inference.Predictor`` of a checkpoint, loaded once per process."""
+    from .checkpoint import default_model_path, load_bundle
+    from .inference import Predictor
+
+    path = Path(model_path) if model_path is not None else default_model_path()
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, device, tta)
+    if key not in _PREDICTORS:
+        _PREDICTORS.clear()  # one model per process at a time
+        _PREDICTORS[key] = Predictor(load_bundle(path), device=device, tta=tta)
+    return _PREDICTORS[key]
+
+
+def _row(slide: Path, status: str, error: str = "", **values: Any) -> dict[str, Any]:
+    row = dict.fromkeys(COHORT_COLUMNS, "")
+    row.update({"slide": str(Path(slide).absolute()), "status": status, "error": error})
+    row.update({k: ("" if v is None else v) for k, v in values.items() if k in row})
+    return row
+
+
+def summary_row(slide: Path, summary: dict[str, Any], precision: str | None) -> dict[str, Any]:
+    """The cohort row of a finished (or skipped) slide's run summary."""
+    nuclei = int(summary.get("nuclei", 0))
+    area = summary.get("tissue_area_mm2")
+    if area is None:
+        area = summary.get("processed_area_mm2")
+    density = round(nuclei / area, 2) if area else None
+    return _row(
+        slide,
+        "skipped" if summary.get("skipped") else "done",
+        "; ".join(summary.get("warnings", [])),
+        nuclei=nuclei,
+        tissue_mm2=None if area is None else round(float(area), 6),
+        nuclei_per_mm2=density,
+        mpp=summary.get("slide_mpp"),
+        mpp_source=summary.get("mpp_source"),
+        seconds=summary.get("seconds"),
+        model_sha256=(summary.get("model") or {}).get("sha256"),
+        precision=precision,
+    )
+
+
+def run_slide(slide_path: str | Path, job: SlideJob, predictor: Any = None) -> dict[str, Any]:
+    """Processes one slide; returns its ``cohort.csv`` row (never raises for a failed slide).
+
+    Args:
+        slide_path: the slide.
+        job: options and outputs.
+        predictor: a loaded model to use instead of ``job.model_path`` (the CLI passes the one
+            it loaded; worker processes leave it None and use :func:`cached_predictor`).
+
+    The row has every column of :data:`COHORT_COLUMNS`; failures have ``status`` ``failed`` and
+    the one-line ``error``. Unexpected exceptions (bugs) are logged with their traceback.
+    KeyboardInterrupt propagates (the partial state is kept for resuming).
+    """
+    slide = Path(slide_path)
+    error = ""
+    for attempt in range(1 + max(0, job.retries)):
+        try:
+            model = predictor or cached_predictor(job.model_path, job.device, job.tta)
+            summary = predict_slide(slide, model, job.outputs, job.options, progress=job.progress)
+            return summary_row(slide, summary, _precision_of(model, job.options))
+        except BusyError as exc:
+            return _row(slide, "busy", str(exc))
+        except _FINAL_ERRORS as exc:
+            return _row(slide, "failed", str(exc))
+        except CellsegError as exc:
+            error = str(exc)
+        except Exception as exc:  # a bug or a transient failure: retried, then recorded
+            detail = " ".join(str(exc).split())
+            error = f"{slide}: internal error: {type(exc).__name__}: {detail}"
+            log.error("%s", error, exc_info=exc)
+        if attempt < job.retries:
+            log.warning("%s: failed (%s); retrying once", slide, error)
+    return _row(slide, "failed", error)
+
+
+# --------------------------------------------------------------------------------- cohort.csv
+
+
+@contextlib.contextmanager
+def _short_lock(path: Path, wait_s: float = COHORT_LOCK_WAIT_S):
+    """An O_EXCL lock file held for a read-modify-write of a small shared file."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime > wait_s:
+                    path.unlink()  # its owner died while holding it
+                    continue
+            if time.monotonic() > deadline:
+                raise OutputError(f"{path}: held by another process for too long") from None
+            time.sleep(0.05)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def read_cohort(path: Path) -> list[dict[str, str]]:
+    """Rows of an existing ``cohort.csv`` ([] when there is none)."""
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    return value
+
+
+def update_cohort(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Merges ``rows`` into ``path`` (one row per slide, the newest wins), atomically.
+
+    A ``busy`` row never replaces an existing row: the process that holds the slide writes its
+    own. Rows are sorted by slide so the file does not depend on finishing order.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _short_lock(path.with_name(path.name + ".lock")):
+        merged = {row["slide"]: row for row in read_cohort(path)}
+        for row in rows:
+            if row["status"] == "busy" and row["slide"] in merged:
+                continue
+            merged[row["slide"]] = {k: _csv_value(row.get(k, "")) for k in COHORT_COLUMNS}
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COHORT_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for slide in sorted(merged):
+                writer.writerow(merged[slide])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
