@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BusyError, CellsegError, ModelError, OutputError, SlideError
+from .outputs import os_error_message
 from .predict import PredictOptions, SlideOutputs, _precision_of, predict_slide
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,16 @@ def update_cohort(path: Path, rows: list[dict[str, Any]]) -> None:
     own. Rows are sorted by slide so the file does not depend on finishing order.
     """
     path = Path(path)
+    try:
+        _merge_cohort(path, rows)
+    except OSError as exc:
+        message = os_error_message(exc, path.parent)
+        if message is None:
+            raise
+        raise OutputError(message.replace("the same command resumes", "run again")) from exc
+
+
+def _merge_cohort(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _short_lock(path.with_name(path.name + ".lock")):
         merged = {row["slide"]: row for row in read_cohort(path)}

@@ -258,6 +258,10 @@ def read_xml_annotation(path: Path, shape_hw: tuple[int, int]) -> tuple[np.ndarr
     except (ElementTree.ParseError, DefusedXmlException, OSError) as error:
         raise DataError(f"cannot parse annotation {path}: {_one_line(error)}") from error
     polygons_xy = [_region_vertices_xy(region, path) for region in root.iter("Region")]
+    if not polygons_xy:
+        # An annotation without nuclei is almost always the wrong file (or an empty export);
+        # accepting it scores the model against empty ground truth.
+        raise DataError(f"annotation {path} has no Region (no nucleus outlines)")
     return rasterize_polygons(polygons_xy, shape_hw), _xml_mpp(root, path)
 
 
@@ -267,7 +271,10 @@ def _region_vertices_xy(region: ElementTree.Element, path: Path) -> np.ndarray:
         vertices = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
     except (TypeError, ValueError) as error:
         raise DataError(f"bad vertex in region {region.get('Id')} of {path}") from error
-    return np.asarray(vertices, dtype=np.float64).reshape(-1, 2)
+    array = np.asarray(vertices, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(array).all():
+        raise DataError(f"non-finite vertex (NaN or Inf) in region {region.get('Id')} of {path}")
+    return array
 
 
 def _xml_mpp(root: ElementTree.Element, path: Path) -> float | None:

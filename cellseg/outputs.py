@@ -104,14 +104,21 @@ def check_writable(paths: Iterable[Path]) -> None:
             raise OutputError(f"{folder}: cannot write here ({reason}), needed for {path}") from exc
 
 
-def os_error_message(exc: OSError, fallback: Path) -> str | None:
-    """One line for an OSError that means "this output cannot be written", else None."""
+def os_error_message(exc: OSError, folder: Path, kept: Path | None = None) -> str | None:
+    """One line for an OSError that means "this output cannot be written", else None.
+
+    ``folder`` is named when the error carries no file name (a failed ``write()``); ``kept``
+    is the work folder that the next run resumes from.
+    """
     reason = WRITE_ERRNOS.get(exc.errno or 0)
     if reason is None:
         return None
-    where = exc.filename or fallback
+    where = exc.filename or folder
     hint = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix it"
-    return f"{reason} writing {where}; {hint} and the same command resumes"
+    message = f"{reason} writing {where}; {hint} and the same command resumes"
+    if kept is not None and Path(kept).exists():
+        message += f" (the work so far is kept in {kept})"
+    return message
 
 
 # ----------------------------------------------------------------------------------- locking

@@ -746,7 +746,7 @@ def predict_slide(
         with SlideLock(outputs.lock_path, label=str(slide_path)):
             return _predict_locked(slide_path, predictor, outputs, options, progress, on_region)
     except OSError as exc:
-        message = os_error_message(exc, outputs.work_dir)
+        message = os_error_message(exc, outputs.paths()[0].parent, outputs.work_dir)
         if message is None:
             raise
         raise OutputError(message) from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -69,7 +70,10 @@ def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device
         wanted = set(read_ids(ids_file))
         files = [f for f in files if f.image_id in wanted]
     samples = [load_sample(f) for f in files]
-    result = evaluate(bundle, samples, protocol=protocol, device=device, tta=tta)
+    progress = sys.stderr.isatty() and not (click.get_current_context().find_root().obj or {}).get(
+        "quiet"
+    )
+    result = evaluate(bundle, samples, protocol=protocol, device=device, tta=tta, progress=progress)
     cols = [c for c in COLUMNS if c in result["summary"]]
     click.echo(f"{'image':<28}" + "".join(f"{c:>9}" for c in cols))
     for row in result["per_image"]:

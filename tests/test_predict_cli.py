@@ -124,7 +124,8 @@ def test_batch_goes_on_past_bad_slides_and_fails_at_the_end(
     assert names == sorted([*expected, *provenance, "cohort.csv"])
     rows = {Path(r["slide"]).name: r for r in read_cohort(out / "cohort.csv")}
     assert sorted(rows) == sorted(s.name for s in slides)
-    assert rows["garbage.svs"]["status"] == "failed" and "garbage.svs" in rows["garbage.svs"]["error"]
+    garbage = rows["garbage.svs"]
+    assert garbage["status"] == "failed" and "garbage.svs" in garbage["error"]
     assert rows["no_mpp.svs"]["status"] == "failed" and "mpp" in rows["no_mpp.svs"]["error"]
     for i in (0, 1):
         summary = json.loads((out / f"good{i}.json").read_text())
