@@ -784,6 +784,7 @@ def _predict_locked(
         for path in outputs.paths():
             path.parent.mkdir(parents=True, exist_ok=True)
         journal = Journal.open(outputs.work_dir, _fingerprint(plan, options, outputs))
+        stack.callback(journal.close)  # also when interrupted: the file stays for resuming
         try:
             summary = _predict_planned(
                 slide,

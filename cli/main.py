@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from cellseg import __version__
@@ -13,7 +15,29 @@ from .train import train_command
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=CONTEXT)
+class OneLineErrorGroup(click.Group):
+    """click's group, but a usage error is one line (``error: ...``, exit 2) like every other
+    error, instead of click's three (usage, hint, error)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "cellseg"
+            click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrorGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="cellseg")
 @click.option(
     "-v", "--verbose", count=True, help="More messages: -v info (mpp source, level), -vv debug."
