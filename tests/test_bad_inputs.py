@@ -263,6 +263,7 @@ def test_disk_full_then_the_same_command_resumes(inputs, tmp_path, monkeypatch, 
     assert not (out / "n.geojson.cellseg-work").exists()
 
 
+@pytest.mark.slow  # mounts a tmpfs and fills it: a few seconds
 def test_a_real_full_disk_gives_one_line(inputs, tmp_path, monkeypatch):
     """The issue's case: a small tmpfs fills up (skipped where mounting is not allowed)."""
     _oracle(monkeypatch)
