@@ -614,7 +614,13 @@ def run_provenance(
 
 
 def _precision_of(predictor: TilePredictor, options: PredictOptions) -> str | None:
+    """The model's numeric precision: an explicit option or attribute, else what
+    ``cellseg.inference.Predictor`` does (autocast to ``amp_dtype`` on CUDA, float32 otherwise);
+    None for predictors that say nothing (test oracles)."""
     value = getattr(options, "precision", None) or getattr(predictor, "precision", None)
+    if value is None and hasattr(predictor, "amp"):
+        amp_dtype = getattr(predictor, "amp_dtype", None)
+        value = str(amp_dtype).replace("torch.", "") if predictor.amp and amp_dtype else "float32"
     return None if value is None else str(value)
 
 
@@ -648,20 +654,19 @@ def _discard_staged(outputs: SlideOutputs) -> None:
             staged.unlink(missing_ok=True)
 
 
-def _finish_interrupted(outputs: SlideOutputs) -> dict[str, Any] | None:
-    """Completes the renaming of a run killed while publishing (returns its summary), and
+def _finish_interrupted(outputs: SlideOutputs) -> bool:
+    """Completes the renaming of a run killed while publishing (True when there was one), and
     removes a left-over work folder that has no journal in it."""
     work_dir = outputs.work_dir
-    summary = Journal.publishing_summary(work_dir)
-    if summary is not None:
+    if Journal.publishing_summary(work_dir) is not None:
         log.info("%s: finishing the renaming of an interrupted run", work_dir)
         _publish(outputs)
         remove_work_dir(work_dir)
-        return {**summary, "resumed": True}
+        return True
     if work_dir.is_dir() and not outputs.is_resumable():
         log.info("%s: removing a left-over work folder", work_dir)
         shutil.rmtree(work_dir, ignore_errors=True)
-    return None
+    return False
 
 
 def _check_existing(
@@ -761,11 +766,13 @@ def _predict_locked(
     on_region: Callable[[int, int], None] | None,
 ) -> dict[str, Any]:
     finished = _finish_interrupted(outputs)
-    if finished is not None:
-        return finished
     provenance = run_provenance(slide_path, predictor, options, outputs)
+    # A finished interrupted run counts only if it was this same run (else: refused or redone).
     recorded = _check_existing(outputs, options, provenance)
     if recorded is not None:
+        if finished:  # this call completed the run rather than skipping it
+            recorded.pop("skipped")
+            recorded["resumed"] = True
         return recorded
     started = time.monotonic()
 
@@ -781,6 +788,14 @@ def _predict_locked(
         reader.start()  # the workers start up (seconds) while the slide is planned
         plan = plan_slide(slide, predictor, options)
         _log_plan(slide, plan)
+        log.info(
+            "%s: model %s (sha256 %s), tta %s, precision %s",
+            slide.path,
+            plan.model_name,
+            (plan.model_sha256 or "unknown")[:12],
+            plan.tta,
+            _precision_of(predictor, options) or "unknown",
+        )
         for path in outputs.paths():
             path.parent.mkdir(parents=True, exist_ok=True)
         journal = Journal.open(outputs.work_dir, _fingerprint(plan, options, outputs))

@@ -62,16 +62,23 @@ _TIFF_UNIT_UM = {
     tifffile.RESUNIT.MICROMETER: 1.0,
 }
 # What third-party decoders raise on broken files: OpenSlide's own errors, tifffile's, I/O and zlib
-# errors, and imagecodecs' codec errors (RuntimeError subclasses such as Jpeg8Error; any other
-# RuntimeError is a bug and propagates, see _is_decoder_error). Truncated TIFF directories are
-# found before any decoder runs (_check_tiff_structure), so KeyError/IndexError/ValueError from
-# inside a reader are bugs too.
+# errors; and ValueError/KeyError/IndexError/RuntimeError (imagecodecs' codec errors, tifffile's
+# "unknown compression") when raised inside a decoder package. The same types raised by our own
+# code are bugs and propagate (_is_decoder_error). Truncated TIFF directories are found before
+# any decoder runs (_check_tiff_structure).
 _DECODER_ERRORS = (
     openslide.OpenSlideError,
     tifffile.TiffFileError,
     OSError,
     zlib.error,
     RuntimeError,
+    ValueError,
+    KeyError,
+    IndexError,
+)
+_ALWAYS_DECODER_ERRORS = (openslide.OpenSlideError, tifffile.TiffFileError, OSError, zlib.error)
+DECODER_PACKAGES = frozenset(
+    {"openslide", "tiffslide", "tifffile", "imagecodecs", "PIL", "zarr", "numcodecs", "fsspec"}
 )
 # Pillow also reports broken PNG/JPEG files as SyntaxError ("broken PNG file").
 _PILLOW_ERRORS = (*_DECODER_ERRORS, SyntaxError, Image.DecompressionBombError)
@@ -79,10 +86,19 @@ NO_STRUCTURE_CHECK_SUFFIXES = frozenset({".ndpi"})  # NDPI stores 64-bit offsets
 
 
 def _is_decoder_error(exc: BaseException) -> bool:
-    """Whether ``exc`` (caught as one of ``_DECODER_ERRORS``) is a decoder's report of bad data."""
-    if isinstance(exc, RuntimeError) and not isinstance(exc, openslide.OpenSlideError):
-        return type(exc).__module__.split(".")[0] == "imagecodecs"
-    return True
+    """Whether ``exc`` (caught as one of ``_DECODER_ERRORS``) is a decoder's report of bad data:
+    always for the decoders' own types, else only when raised inside a decoder package."""
+    if isinstance(exc, (*_ALWAYS_DECODER_ERRORS, Image.DecompressionBombError)):
+        return True
+    if type(exc).__module__.split(".")[0] in DECODER_PACKAGES:  # e.g. imagecodecs.JpegError
+        return True
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module.split(".")[0] in DECODER_PACKAGES
 
 
 def _tiff_directory_problem(path: Path) -> str | None:

@@ -61,6 +61,22 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (click's test runner
+    swaps it; a handler bound to the old stream would write to a closed file)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 class _Formatter(logging.Formatter):
     """``warning: message`` (lower-case level, like the ``error:`` lines)."""
 
@@ -79,7 +95,7 @@ def configure_logging(verbose: int, quiet: bool) -> None:
         level = logging.ERROR
     else:
         level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    handler = logging.StreamHandler(click.get_text_stream("stderr"))
+    handler = _StderrHandler()
     handler.setFormatter(_Formatter("%(message)s"))
     if verbose == 0:
         handler.addFilter(lambda record: record.name.split(".")[0] in ("cellseg", "cli"))
