@@ -285,3 +285,20 @@ def test_invariants_are_checked_without_assert(tmp_path):
     source = Path(slide_module.__file__).parent
     offenders = [p.name for p in source.glob("*.py") if "\n    assert " in p.read_text()]
     assert offenders == []
+
+
+def test_evaluate_draws_no_progress_bar_off_a_terminal(tmp_path):
+    pytest.importorskip("torch")
+    image = disc_image(64, 64, [(32, 32)])[0]
+    Image.fromarray(image).save(tmp_path / "a.tif")
+    vertices = "".join(
+        f'<Vertex X="{32 + 9 * np.cos(t):.2f}" Y="{32 + 9 * np.sin(t):.2f}"/>'
+        for t in np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    )
+    (tmp_path / "a.xml").write_text(
+        '<Annotations MicronsPerPixel="0.5"><Annotation><Regions><Region Id="1"><Vertices>'
+        f"{vertices}</Vertices></Region></Regions></Annotation></Annotations>"
+    )
+    result = CliRunner().invoke(cellseg, ["evaluate", "--data", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # no tqdm bar: stderr is not a terminal
