@@ -764,5 +764,5 @@ def open_slide(path: str | Path, backend: str = "openslide", mpp: float | None =
         reader.close()
         raise
     slide = Slide(path, reader, slide_mpp, source, mpp_override=mpp)
-    log.info("opened %r", slide)
+    log.debug("opened %r", slide)  # worker processes open the slide too: debug, not info
     return slide

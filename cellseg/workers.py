@@ -56,13 +56,20 @@ def _watch_parent(parent_pid: int, period_s: float) -> None:
         time.sleep(period_s)
 
 
+class _LowerCaseLevel(logging.Formatter):
+    """``warning: message``, as the parent's lines (cli/common.py)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
 def configure_worker_logging() -> None:
     """Logging of a worker process as the parent's command line asked (stderr, one line each)."""
     level = os.environ.get(LOG_LEVEL_ENV)
     if level is None:
         return  # a library user's process: leave logging alone
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(_LowerCaseLevel("%(message)s"))
     if os.environ.get(THIRD_PARTY_ENV) != "1":
         handler.addFilter(lambda record: record.name.split(".")[0] == "cellseg")
     root = logging.getLogger()
