@@ -19,6 +19,7 @@ import click
 EXIT_FAILURE = 1  # an expected runtime failure
 EXIT_USAGE = 2  # click's code for usage errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+RESOURCE_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -103,6 +104,11 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.captureWarnings(True)
+    if verbose == 0 and RESOURCE_TRACKER_WARNING not in sys.warnoptions:
+        # After a kill -9, multiprocessing's resource tracker (a child that outlives us by a
+        # moment to free our semaphores) warns about them in four lines: it is cleaning up as
+        # designed. Its command line takes -W options from sys.warnoptions.
+        sys.warnoptions.append(RESOURCE_TRACKER_WARNING)
     os.environ[LOG_LEVEL_ENV] = logging.getLevelName(level)
     os.environ[THIRD_PARTY_ENV] = "1" if verbose else "0"
 
