@@ -90,7 +90,7 @@ def run_script(slide: Path, out: Path, kill_points: list[str] | None = None, **o
 
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory) -> Path:
-    image, _ = disc_image(600, 900, seam_centres(600, 900, [192, 384, 576, 768]))
+    image, _ = disc_image(450, 800, seam_centres(450, 800, [192, 384, 576, 768]))
     return make_pyramid_tiff(tmp_path_factory.mktemp("kill") / "seam.svs", image, 0.5, levels=1)
 
 
