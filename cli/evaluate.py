@@ -64,12 +64,12 @@ def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device
     from cellseg.data import find_samples, load_sample, read_ids
     from cellseg.evaluation import evaluate
 
-    bundle = load_bundle(model_path or default_model_path())
     files = find_samples(data)
     if ids_file is not None:
         wanted = set(read_ids(ids_file))
         files = [f for f in files if f.image_id in wanted]
-    samples = [load_sample(f) for f in files]
+    samples = [load_sample(f) for f in files]  # bad data fails before the model is loaded
+    bundle = load_bundle(model_path or default_model_path())
     progress = sys.stderr.isatty() and not (click.get_current_context().find_root().obj or {}).get(
         "quiet"
     )

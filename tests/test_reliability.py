@@ -299,6 +299,7 @@ def test_evaluate_draws_no_progress_bar_off_a_terminal(tmp_path):
         '<Annotations MicronsPerPixel="0.5"><Annotation><Regions><Region Id="1"><Vertices>'
         f"{vertices}</Vertices></Region></Regions></Annotation></Annotations>"
     )
-    result = CliRunner().invoke(cellseg, ["evaluate", "--data", str(tmp_path), "--device", "cpu"])
+    args = ["evaluate", "--data", str(tmp_path), "--device", "cpu", "--protocol", "paper"]
+    result = CliRunner().invoke(cellseg, args)
     assert result.exit_code == 0, result.output
     assert result.stderr == ""  # no tqdm bar: stderr is not a terminal
