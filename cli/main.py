@@ -25,6 +25,9 @@ class OneLineErrorGroup(click.Group):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `cellseg`: the help, as click
+                exc.show()
+                sys.exit(exc.exit_code)
             where = exc.ctx.command_path if exc.ctx is not None else "cellseg"
             click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
             sys.exit(exc.exit_code)
