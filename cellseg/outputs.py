@@ -252,7 +252,8 @@ def file_identity(path: Path) -> dict[str, Any]:
     """Size and a SHA-256 of up to three 1 MiB samples (start, middle, end) of ``path``.
 
     Cheap on multi-GB slides yet changes when the file is replaced by another scan or cut short;
-    the mtime is left out on purpose, so a copied slide is still the same input.
+    the mtime is left out on purpose, so a copied slide is still the same input. A MIRAX
+    ``.mrxs`` also lists the names and sizes of the files in its data folder.
     """
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
@@ -266,7 +267,13 @@ def file_identity(path: Path) -> dict[str, Any]:
         ):
             f.seek(start)
             digest.update(f.read(IDENTITY_SAMPLE_BYTES))
-    return {"size": size, "sample_sha256": digest.hexdigest()}
+    identity = {"size": size, "sample_sha256": digest.hexdigest()}
+    data_dir = path.with_suffix("")
+    if path.suffix.lower() == ".mrxs" and data_dir.is_dir():  # MIRAX keeps its pixels beside
+        identity["data_files"] = sorted(
+            (f.name, f.stat().st_size) for f in data_dir.iterdir() if f.is_file()
+        )
+    return identity
 
 
 # How a difference in each provenance field is explained to the user.

@@ -609,7 +609,8 @@ def run_provenance(
             options.chunk_px,
             options.overlay_max_px,
         ],
-        "outputs": sorted(str(p.resolve()) for p in outputs.paths()),
+        # Relative to the first output's folder, so a moved results folder still matches.
+        "outputs": sorted(os.path.relpath(p, outputs.paths()[0].parent) for p in outputs.paths()),
     }
 
 
