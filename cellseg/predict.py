@@ -747,7 +747,8 @@ def predict_slide(
         raise OutputError(conflict)
     check_writable([*outputs.paths(), outputs.lock_path])
     if not slide_path.is_file():
-        raise SlideError(f"{slide_path}: no such file")
+        kind = "is a folder, not a slide file" if slide_path.is_dir() else "no such file"
+        raise SlideError(f"{slide_path}: {kind}")
     try:
         with SlideLock(outputs.lock_path, label=str(slide_path)):
             return _predict_locked(slide_path, predictor, outputs, options, progress, on_region)

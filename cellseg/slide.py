@@ -755,6 +755,8 @@ def open_slide(path: str | Path, backend: str = "openslide", mpp: float | None =
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = Path(path)
+    if path.is_dir():
+        raise SlideError(f"{path}: is a folder, not a slide file")
     if not path.is_file():
         raise SlideError(f"{path}: no such file")
     reader = _open_reader(path, backend)

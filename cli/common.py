@@ -47,6 +47,13 @@ def user_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except CellsegError as exc:
             fail(str(exc), code=EXIT_FAILURE)
+        except OSError as exc:  # a full or read-only disk while writing (not a bug): one line
+            from cellseg.outputs import WRITE_ERRNOS
+
+            reason = WRITE_ERRNOS.get(exc.errno or 0)
+            if reason is None:
+                raise
+            fail(f"{reason} writing {exc.filename or 'an output'}", code=EXIT_FAILURE)
         except KeyboardInterrupt:
             fail("interrupted", code=EXIT_INTERRUPTED)
         finally:

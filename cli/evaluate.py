@@ -64,6 +64,10 @@ def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device
     from cellseg.data import find_samples, load_sample, read_ids
     from cellseg.evaluation import evaluate
 
+    if json_out is not None:
+        from cellseg.outputs import check_writable
+
+        check_writable([json_out])  # before minutes of evaluation, not after
     files = find_samples(data)
     if ids_file is not None:
         wanted = set(read_ids(ids_file))

@@ -119,8 +119,10 @@ def train_command(
       cellseg train --data ../shared/data/monuseg --out runs/wsi --resume
       cellseg train --data ../shared/data/monuseg --init runs/wsi/best.safetensors --out runs/ft
     """
+    from cellseg.outputs import check_writable
     from cellseg.training import TrainOptions, train
 
+    check_writable([out_dir / "best.safetensors"])  # a read-only --out fails now, not at epoch 1
     opts = TrainOptions(
         data=str(data),
         out=str(out_dir),

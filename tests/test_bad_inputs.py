@@ -201,6 +201,12 @@ CASES = [
      [], "oracle readonly"),
     ("readonly-out-dir", "predict {in}/good.svs {in}/rgba.png --out-dir {ro}/res", 1,
      "cannot write", [], "oracle readonly"),
+    ("slide-is-a-folder", "predict {in}/sub --out {out}/n.geojson", 1, "is a folder",
+     ["n.geojson"], "oracle"),
+    ("evaluate-readonly-json", "evaluate --data {in}/data_nan --json {ro}/m.json", 1,
+     "cannot write", [], "readonly"),
+    ("train-readonly-out", "train --data {in}/data_nan --out {ro}/run", 1, "cannot write", [],
+     "readonly"),
     ("disk-full", "predict {in}/good.svs --out {out}/n.geojson --zarr {out}/n.zarr --summary "
      "{out}/s.json", 1, "no space left on device", ["n.geojson", "n.zarr", "s.json"],
      "oracle disk_full"),
