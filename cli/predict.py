@@ -309,7 +309,8 @@ def predict_command(
     progress = sys.stderr.isatty() and not quiet
     failed = []
     for slide, outputs in zip(slides, plans, strict=True):
-        if outputs.is_resumable() and not quiet:
+        # (A locked slide is another process's current work, not an interrupted run.)
+        if outputs.is_resumable() and not outputs.lock_path.exists() and not quiet:
             click.echo(f"{slide}: resuming the interrupted run", err=True)
         job = SlideJob(outputs, options, model_path, device, tta, progress=progress)
         try:
