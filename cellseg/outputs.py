@@ -157,6 +157,10 @@ class SlideLock:
         except (OSError, ValueError):
             return None
 
+    def is_held(self) -> bool:
+        """Whether a live process holds this lock right now."""
+        return self.path.exists() and not self._is_stale()
+
     def _is_stale(self) -> bool:
         try:
             age_s = time.time() - self.path.stat().st_mtime

@@ -288,7 +288,7 @@ def predict_command(
     cohort = out_dir / "cohort.csv" if out_dir is not None else None
     _check_paths(slides, plans, model_path, cohort)
     from cellseg.batch import SlideJob, run_slide, update_cohort
-    from cellseg.outputs import check_writable
+    from cellseg.outputs import SlideLock, check_writable
     from cellseg.predict import PredictOptions
 
     # Before the model is loaded or any slide read: a read-only --out-dir fails in a second.
@@ -310,7 +310,7 @@ def predict_command(
     failed = []
     for slide, outputs in zip(slides, plans, strict=True):
         # (A locked slide is another process's current work, not an interrupted run.)
-        if outputs.is_resumable() and not outputs.lock_path.exists() and not quiet:
+        if outputs.is_resumable() and not SlideLock(outputs.lock_path).is_held() and not quiet:
             click.echo(f"{slide}: resuming the interrupted run", err=True)
         job = SlideJob(outputs, options, model_path, device, tta, progress=progress)
         try:
