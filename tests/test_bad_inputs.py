@@ -58,6 +58,7 @@ def inputs(tmp_path_factory) -> Path:
     make_pyramid_tiff(folder / "no_mpp.svs", image, None, levels=1)
     Image.fromarray(image).convert("RGBA").save(folder / "rgba.png")
     Image.fromarray(image).save(folder / "self.png")
+    _write_corrupt_tile_slide(folder / "corrupt_tile.svs", image)
     (folder / "empty.svs").write_bytes(b"")
     (folder / "garbage.svs").write_bytes(b"\x00not a slide" * 200)
     (folder / "text.png").write_text("this is not a picture\n" * 20)
@@ -77,6 +78,18 @@ def inputs(tmp_path_factory) -> Path:
         Image.fromarray(image[:64, :64]).save(data / "a.tif")
         (data / "a.xml").write_text(text)
     return folder
+
+
+def _write_corrupt_tile_slide(path: Path, image) -> None:
+    """A JPEG slide whose first tile no longer starts like a JPEG stream (bit rot)."""
+    import tifffile
+
+    make_pyramid_tiff(path, image, 0.5, levels=1, compression="jpeg")
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].dataoffsets[0]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 64] = bytes(64)
+    path.write_bytes(bytes(data))
 
 
 def _write_foreign_models(folder: Path) -> None:
@@ -169,6 +182,8 @@ CASES = [
      "truncated", ["n.geojson", "n.zarr"], "oracle cmu"),
     ("truncated-tiffslide", "predict {in}/truncated.svs --backend tiffslide --out "
      "{out}/n.geojson", 1, "truncated", ["n.geojson"], "oracle cmu"),
+    ("corrupt-tile", "predict {in}/corrupt_tile.svs --out {out}/n.geojson --zarr {out}/n.zarr",
+     1, "corrupt_tile.svs", ["n.geojson", "n.zarr"], "oracle"),
     ("non-slide", "predict {in}/garbage.svs --out {out}/n.geojson", 1, "garbage.svs",
      ["n.geojson"], "oracle"),
     ("non-image", "predict {in}/text.png --mpp 0.5 --out {out}/n.geojson", 1, "text.png",
