@@ -75,8 +75,10 @@ class RegionReader:
             ``2·workers + 1``.
 
     Use as a context manager; :meth:`read_ahead` yields ``(key, image)`` in input order.
-    Workers start on first use; :meth:`start` starts them early, so that their start-up
-    (spawning, imports, opening the slide: seconds) overlaps with the caller's planning.
+    Worker processes are started when the reader is created (from the calling thread, so that
+    they end with this process: :func:`cellseg.workers.start_pool`); their start-up (imports,
+    opening the slide: seconds) overlaps with the caller's planning. With ``workers=0``,
+    :meth:`start` opens the slide in the reader thread early.
     """
 
     def __init__(self, source: SlideSource, workers: int = 1, prefetch: int | None = None) -> None:
