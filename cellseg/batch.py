@@ -6,8 +6,9 @@ path and a picklable :class:`SlideJob` (options, output paths, model *path*), re
 dict, the slide's row of ``cohort.csv``. The model is loaded through a per-process cache
 (:func:`cached_predictor`), so a worker process loads it once for all its slides.
 
-A slide that fails with an unexpected error is retried once (``SlideJob.retries``); errors that
-would only fail again (a broken slide, unknown mpp, a full disk) are recorded at once. Another
+A slide that fails with an unexpected error is retried once (``SlideJob.retries``); expected
+failures (``CellsegError``: a broken slide, unknown mpp, a full disk) would only fail again and are
+recorded at once. Another
 process holding the slide's lock gives status ``busy`` (that process records the slide).
 
 :func:`update_cohort` merges rows into ``cohort.csv`` keyed by slide, under a short lock, written
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BusyError, CellsegError, ModelError, OutputError, SlideError
+from .errors import BusyError, CellsegError, ModelError, OutputError
 from .outputs import os_error_message
 from .predict import PredictOptions, SlideOutputs, _precision_of, predict_slide
 
@@ -46,8 +47,6 @@ COHORT_COLUMNS = (
     "precision",
 )
 COHORT_LOCK_WAIT_S = 60.0  # a cohort.csv lock older than this belongs to a dead process
-# Failures that a second attempt would only repeat.
-_FINAL_ERRORS = (SlideError, ModelError, OutputError)
 
 _PREDICTORS: dict[tuple, Any] = {}
 
@@ -142,10 +141,8 @@ def run_slide(slide_path: str | Path, job: SlideJob, predictor: Any = None) -> d
             return summary_row(slide, summary, _precision_of(model, job.options))
         except BusyError as exc:
             return _row(slide, "busy", str(exc))
-        except _FINAL_ERRORS as exc:
+        except CellsegError as exc:  # expected failures (bad slide, full disk) would only repeat
             return _row(slide, "failed", str(exc))
-        except CellsegError as exc:
-            error = str(exc)
         except Exception as exc:  # a bug or a transient failure: retried, then recorded
             detail = " ".join(str(exc).split())
             error = f"{slide}: internal error: {type(exc).__name__}: {detail}"
