@@ -195,6 +195,10 @@ class SlideOutputs:
         """What the outputs were made from (:func:`run_provenance`), beside the first output."""
         return self._beside_primary(".cellseg-provenance.json")
 
+    def bookkeeping_paths(self) -> list[Path]:
+        """The files cellseg keeps beside the outputs (no output may use these names)."""
+        return [self.provenance_path, self.lock_path, self.work_dir]
+
     def staged(self, path: Path) -> Path:
         """Where ``path`` is written before all outputs are renamed together."""
         if path == self.zarr:
@@ -742,7 +746,9 @@ def predict_slide(
         raise ValueError("SlideOutputs: no output requested")
     if outputs.overlay is not None:
         overlay_format(outputs.overlay)
-    conflict = output_conflicts(outputs.paths(), [slide_path, *_model_inputs(predictor)])
+    conflict = output_conflicts(
+        [*outputs.paths(), *outputs.bookkeeping_paths()], [slide_path, *_model_inputs(predictor)]
+    )
     if conflict is not None:
         raise OutputError(conflict)
     check_writable([*outputs.paths(), outputs.lock_path])

@@ -95,7 +95,7 @@ def _check_paths(slides, plans, model_path: Path | None, cohort: Path | None) ->
     """Refuses (usage error) outputs that share a path or that are inputs, before any work."""
     from cellseg.outputs import output_conflicts
 
-    paths = [p for plan in plans for p in plan.paths()]
+    paths = [p for plan in plans for p in (*plan.paths(), *plan.bookkeeping_paths())]
     if cohort is not None:
         paths.append(cohort)
     inputs = [*slides, *([model_path] if model_path is not None else [])]

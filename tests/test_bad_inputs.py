@@ -210,6 +210,8 @@ CASES = [
      2, "same file", ["x.json"], "oracle"),
     ("output-is-input", "predict {in}/self.png --mpp 0.5 --overlay {in}/self.png --overwrite",
      2, "is also an input", [], "oracle"),
+    ("output-is-bookkeeping", "predict {in}/good.svs --out {out}/n.geojson --summary "
+     "{out}/n.geojson.cellseg-provenance.json", 2, "same file", [], "oracle"),
     ("batch-output-clash", "predict {in}/good.svs {in}/sub/good.svs --out-dir {out}", 2,
      "share the name", [], "oracle"),
     ("readonly-out", "predict {in}/good.svs --out {ro}/n.geojson", 1, "cannot write",
