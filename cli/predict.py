@@ -40,8 +40,8 @@ def _check_suffix(path: Path | None, allowed: tuple[str, ...], option: str) -> N
         fail(f"{option} {path}: expected a file ending in {', '.join(allowed)}")
 
 
-def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary):
-    """One ``SlideOutputs`` per slide; usage errors exit with one line."""
+def _check_outputs(slides, out_dir, geojson, zarr_path, overlay, summary):
+    """The explicit output paths of the run, checked against the slides; usage errors exit."""
     from cellseg.predict import SlideOutputs
 
     explicit = {"--out": geojson, "--zarr": zarr_path, "--overlay": overlay, "--summary": summary}
@@ -60,18 +60,37 @@ def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary):
     _check_suffix(geojson, GEOJSON_SUFFIXES, "--out")
     _check_suffix(overlay, (".png", ".jpg", ".jpeg", ".tif", ".tiff"), "--overlay")
     _check_suffix(summary, (".json",), "--summary")
-    plans = []
-    for slide in slides:
-        base = SlideOutputs.in_dir(out_dir, slide) if out_dir is not None else SlideOutputs()
-        plans.append(
-            SlideOutputs(
-                geojson=geojson or base.geojson,
-                zarr=zarr_path or base.zarr,
-                overlay=overlay or base.overlay,
-                summary=summary or base.summary,
-            )
-        )
-    return plans
+    return SlideOutputs(geojson=geojson, zarr=zarr_path, overlay=overlay, summary=summary)
+
+
+class ShardType(click.ParamType):
+    """``I/N``: the I-th (0-based) of N disjoint shares of the slide list."""
+
+    name = "I/N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from cellseg.scheduling import parse_shard
+
+        try:
+            return parse_shard(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _slide_list(slides, slide_list, shard):
+    """The slides of this run (arguments, globs, --slides) and this shard's share of them."""
+    from cellseg.scheduling import expand_slides, shard_slides
+
+    everything = expand_slides(slides, slide_list)
+    if not everything:
+        fail(f"{slide_list}: lists no slides" if slide_list else "give SLIDES or --slides FILE")
+    if shard is None:
+        return everything, everything
+    mine = shard_slides(everything, *shard)
+    click.echo(f"shard {shard[0]}/{shard[1]}: {len(mine)} of {len(everything)} slides", err=True)
+    return everything, mine
 
 
 def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
@@ -88,8 +107,97 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     return Predictor(load_bundle(model_path), device=device, tta=tta)
 
 
+def _model_spec(model_path: Path | None, device: str, tta: bool):
+    """The model for Dask workers to load: checked here once, so that a bad file is one error."""
+    from cellseg.checkpoint import default_model_path, file_sha256, load_bundle
+    from cellseg.slidetask import ModelSpec
+
+    if model_path is None:
+        model_path = default_model_path()
+        if not model_path.is_file():
+            fail("no default model is installed with this copy of cellseg; pass --model")
+    load_bundle(model_path)  # ModelError: one line, before any task starts
+    # Absolute, as the workers' working folder is not ours.
+    return ModelSpec(model_path.resolve(), file_sha256(model_path), device, tta)
+
+
+def _execution(scheduler, device, n_slides):
+    """Dask resources and LocalCluster layout for ``--scheduler`` and ``--device``."""
+    if scheduler is None:
+        return None, None
+    if scheduler != "local":
+        # The workers decide "auto" themselves; "cuda" only runs where the GPU resource is.
+        return ({"GPU": 1} if device == "cuda" else None), None
+    import torch
+
+    from cellseg.inference import resolve_device
+    from cellseg.scheduling import local_layout
+
+    gpus = torch.cuda.device_count() if resolve_device(device).type == "cuda" else 0
+    layout = local_layout(n_slides, gpus=gpus)
+    return layout.resources, layout
+
+
+def _slide_task(scheduler, layout, model_path, device, tta, options, out_dir, explicit):
+    """``slide -> record``: :func:`cellseg.slidetask.run_slide` with the job bound (picklable)."""
+    from dataclasses import replace
+    from functools import partial
+
+    from cellseg.slidetask import SlideJob, run_slide
+
+    if scheduler is None:  # in this process: the model is loaded once, here
+        job = SlideJob(None, options, out_dir, explicit, progress=sys.stderr.isatty())
+        return partial(run_slide, job=job, predictor=_load_predictor(model_path, device, tta))
+    spec = _model_spec(model_path, device, tta)
+    if layout is not None:
+        spec = replace(spec, torch_threads=layout.torch_threads)
+    return partial(run_slide, job=SlideJob(spec, options, out_dir, explicit))
+
+
+def _report(slide, outcome) -> bool:
+    """Prints one slide's outcome; True when it failed."""
+    if isinstance(outcome, BaseException):  # a bug or a lost worker, not an expected failure
+        click.echo(f"error: {slide}: {type(outcome).__name__}: {outcome}", err=True)
+        return True
+    if outcome["status"] == "skipped":
+        click.echo(f"{slide}: skipped, outputs exist (--overwrite to redo)", err=True)
+    elif outcome["status"] == "failed":
+        click.echo(f"error: {outcome['error']}", err=True)
+        return True
+    else:
+        result = outcome["summary"]
+        resumed = " (resumed)" if outcome["resumed"] else ""
+        click.echo(
+            f"{slide}: {result['nuclei']} nuclei, {result['tiles']} tiles, "
+            f"{result['seconds']:.1f} s{resumed} -> {', '.join(outcome['outputs'])}"
+        )
+    return False
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--slides",
+    "slide_list",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Slide list: one path per line (# comments), or a CSV with a 'path' column; "
+    "relative paths are relative to the list. Quoted globs in SLIDES also work ('**/*.svs').",
+)
+@click.option(
+    "--shard",
+    type=ShardType(),
+    default=None,
+    help="Only the I-th (0-based) of N disjoint shares of the slides, e.g. "
+    "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="local|ADDRESS",
+    help="Run the slides as Dask tasks: 'local' starts a LocalCluster here, tcp://HOST:8786 "
+    "uses a running scheduler (pip install causal-cellseg[distributed]).",
+)
 @click.option(
     "--model",
     "model_path",
@@ -184,6 +292,9 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
 @user_errors
 def predict_command(
     slides,
+    slide_list,
+    shard,
+    scheduler,
     model_path,
     geojson,
     zarr_path,
@@ -214,12 +325,16 @@ def predict_command(
       cellseg predict slide.svs --out nuclei.geojson --zarr nuclei.zarr --overlay overview.png
       cellseg predict cohort/*.svs --out-dir results/ --device cuda --batch-size 256
       cellseg predict slide.mrxs --roi 20000,15000,4000,4000 --mpp 0.243 --out roi.geojson.gz
+      cellseg predict --slides cohort.csv --out-dir results/ --scheduler tcp://head:8786
+      cellseg predict 'cohort/**/*.svs' --out-dir results/ --shard 0/8
     """
-    plans = _plan_outputs(list(slides), out_dir, geojson, zarr_path, overlay, summary)
-    from cellseg.errors import CellsegError
-    from cellseg.predict import PredictOptions, predict_slide
+    everything, mine = _slide_list(slides, slide_list, shard)
+    explicit = _check_outputs(everything, out_dir, geojson, zarr_path, overlay, summary)
+    from contextlib import closing
 
-    predictor = _load_predictor(model_path, device, tta)
+    from cellseg.predict import PredictOptions
+    from cellseg.scheduling import run_tasks
+
     options = PredictOptions(
         backend=backend,
         mpp=mpp,
@@ -231,27 +346,20 @@ def predict_command(
         object_type=object_type,
         overwrite=overwrite,
     )
+    if not mine:
+        return  # an empty shard: nothing to do is not an error
+    resources, layout = _execution(scheduler, device, len(mine))
+    task = _slide_task(scheduler, layout, model_path, device, tta, options, out_dir, explicit)
     failed = 0
-    for slide, outputs in zip(slides, plans, strict=True):
-        if not overwrite and not outputs.is_resumable() and outputs.existing() == outputs.paths():
-            click.echo(f"{slide}: skipped, outputs exist (--overwrite to redo)", err=True)
-            continue
-        if outputs.is_resumable():
-            click.echo(f"{slide}: resuming the interrupted run", err=True)
-        try:
-            result = predict_slide(slide, predictor, outputs, options, progress=sys.stderr.isatty())
-        except CellsegError as exc:
-            click.echo(f"error: {exc}", err=True)
-            failed += 1
-            continue
-        except KeyboardInterrupt:
-            click.echo(f"{slide}: stopped; the same command resumes it", err=True)
-            raise
-        click.echo(
-            f"{slide}: {result['nuclei']} nuclei, {result['tiles']} tiles, "
-            f"{result['seconds']:.1f} s -> {', '.join(map(str, outputs.paths()))}"
-        )
+    runs = run_tasks(task, mine, scheduler, resources=resources, layout=layout)
+    try:
+        with closing(runs):
+            for slide, outcome in runs:
+                failed += _report(slide, outcome)
+    except KeyboardInterrupt:
+        click.echo("stopped; the same command resumes the unfinished slides", err=True)
+        raise
     if failed:
-        if len(slides) > 1:
-            click.echo(f"{failed} of {len(slides)} slides failed", err=True)
+        if len(mine) > 1:
+            click.echo(f"{failed} of {len(mine)} slides failed", err=True)
         sys.exit(2)
