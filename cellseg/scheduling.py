@@ -242,7 +242,7 @@ def _client(scheduler: str, layout: LocalLayout, connect_timeout_s: float):
             processes=True,
             resources=layout.resources,
             dashboard_address=None,  # no port to clash with another run's
-            silence_logs=logging.ERROR,
+            silence_logs=logging.CRITICAL,  # failures are reported per item by the caller
             env=env,
         ) as cluster,
         distributed.Client(cluster) as client,
@@ -274,8 +274,8 @@ def run_tasks(
     *,
     resources: dict[str, float] | None = None,
     layout: LocalLayout | None = None,
-    connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    workers_timeout_s: float = WORKERS_TIMEOUT_S,
+    connect_timeout_s: float | None = None,
+    workers_timeout_s: float | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """Runs ``task(item)`` for each item, yielding ``(item, result)`` in order of completion.
 
@@ -292,8 +292,10 @@ def run_tasks(
             Anything else: the address of a running scheduler (``tcp://HOST:8786``).
         resources: Dask worker resources each task needs, e.g. ``{"GPU": 1}``: only workers
             started with ``--resources GPU=1`` run it, one task per GPU at a time.
-        connect_timeout_s: give up reaching an external scheduler after this long.
-        workers_timeout_s: give up when the cluster has no worker after this long.
+        connect_timeout_s: give up reaching an external scheduler after this long (None:
+            ``CONNECT_TIMEOUT_S``).
+        workers_timeout_s: give up when the cluster has no worker after this long (None:
+            ``WORKERS_TIMEOUT_S``).
 
     Raises:
         CellsegError: Dask is not installed, the scheduler cannot be reached or has no
@@ -307,8 +309,9 @@ def run_tasks(
     if scheduler == "local":
         layout = layout or local_layout(len(items))
         resources = resources or layout.resources
+    connect_timeout_s = connect_timeout_s or CONNECT_TIMEOUT_S
     with _client(scheduler, layout, connect_timeout_s) as client:
-        _wait_for_workers(client, scheduler, workers_timeout_s, resources)
+        _wait_for_workers(client, scheduler, workers_timeout_s or WORKERS_TIMEOUT_S, resources)
         yield from _run_on(client, task, items, resources)
 
 

@@ -1,0 +1,145 @@
+"""``cellseg predict`` over cohorts: --slides lists, --shard I/N and --scheduler (issue 12)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from oracle import DiscOracle, disc_image
+from slides import make_pyramid_tiff
+
+import cli.predict as cli_predict
+from cli.main import cellseg
+
+
+def run(*args: str):
+    return CliRunner().invoke(cellseg, ["predict", *map(str, args)])
+
+
+def errors(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+def done(out: Path) -> set[str]:
+    """Stems of the slides whose outputs are complete in ``out``."""
+    return {p.stem for p in out.glob("*.json")} if out.is_dir() else set()
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    monkeypatch.setattr(
+        cli_predict, "_load_predictor", lambda model_path, device, tta=False: DiscOracle()
+    )
+    from cellseg import predict
+
+    monkeypatch.setattr(predict, "default_workers", lambda: 0)
+    monkeypatch.setattr(predict, "default_label_workers", lambda: 0)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """``cohort/`` with four small disc slides and ``broken.svs``, plus ``list.txt``."""
+    folder = tmp_path_factory.mktemp("cohort")
+    for i in range(4):
+        centres = [(y, x) for y in range(30, 200, 45) for x in range(30 + 7 * i, 280, 45)]
+        image, _ = disc_image(224, 300, centres)
+        make_pyramid_tiff(folder / f"s{i}.svs", image, 0.5, levels=1)
+    (folder / "broken.svs").write_bytes(b"\x00not a slide" * 100)
+    (folder / "list.txt").write_text("# the cohort\ns0.svs\ns1.svs\nbroken.svs\ns2.svs\ns3.svs\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    torch = pytest.importorskip("torch")
+    from cellseg.checkpoint import save_bundle
+    from cellseg.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig.tiny()
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    meta = {"name": "tiny-random", "mpp": 0.5, "tile_px": 224, "postprocess": {}}
+    save_bundle(path, build_model(config), config, meta)
+    return path
+
+
+def test_shards_of_a_slide_list_are_disjoint_and_cover_it(oracle, cohort, tmp_path):
+    out = tmp_path / "results"
+    results = [
+        run("--slides", cohort / "list.txt", "--out-dir", out / str(i), "--shard", f"{i}/2")
+        for i in range(2)
+    ]
+    shares = [done(out / str(i)) for i in range(2)]
+    assert not shares[0] & shares[1]
+    assert shares[0] | shares[1] == {"s0", "s1", "s2", "s3"}
+    failed = [i for i, result in enumerate(results) if result.exit_code != 0]
+    assert len(failed) == 1 and results[failed[0]].exit_code == 2  # the shard with broken.svs
+    assert "broken.svs" in errors(results[failed[0]])[0]
+    assert all("of 5 slides" in result.stderr for result in results)
+
+
+def test_quoted_globs_and_lists_merge_without_running_a_slide_twice(oracle, cohort, tmp_path):
+    result = run(cohort / "s*.svs", "--slides", cohort / "list.txt", "--out-dir", tmp_path)
+    assert result.exit_code == 2 and len(errors(result)) == 1
+    assert result.output.count(" nuclei, ") == 4 and "1 of 5 slides failed" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shard", "2/2", "a.svs"], "0 <= I < N"),
+        (["--shard", "x", "a.svs"], "is not I/N"),
+        (["--out-dir", "r"], "give SLIDES or --slides"),
+    ],
+)
+def test_cohort_usage_errors(args, message):
+    result = run(*args)
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_a_list_without_a_path_column_is_one_line(tmp_path):
+    listing = tmp_path / "cohort.csv"
+    listing.write_text("patient,file\np1,a.svs\n")
+    result = run("--slides", listing, "--out-dir", tmp_path / "r")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == errors(result) and "'path'" in result.stderr
+
+
+def test_an_unreachable_scheduler_is_one_line_and_writes_nothing(
+    monkeypatch, cohort, tiny_checkpoint, tmp_path
+):
+    pytest.importorskip("distributed")
+    from cellseg import scheduling
+
+    monkeypatch.setattr(scheduling, "CONNECT_TIMEOUT_S", 0.5)
+    out = tmp_path / "r"
+    args = [cohort / "s0.svs", "--model", tiny_checkpoint, "--out-dir", out]
+    result = run(*args, "--scheduler", "tcp://127.0.0.1:9")
+    assert result.exit_code == 2
+    assert errors(result) == result.stderr.strip().splitlines()
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
+    assert done(out) == set()
+
+
+def test_a_local_cluster_runs_the_good_slides_and_reports_the_broken_one(
+    cohort, tiny_checkpoint, tmp_path
+):
+    pytest.importorskip("distributed")
+    out = tmp_path / "results"
+    slides = [cohort / "s0.svs", cohort / "broken.svs", cohort / "s1.svs"]
+    common = ["--model", tiny_checkpoint, "--device", "cpu", "--out-dir", out]
+    result = run(*slides, *common, "--scheduler", "local", "--batch-size", "4")
+    assert result.exit_code == 2, result.output
+    assert len(errors(result)) == 1 and "broken.svs" in errors(result)[0]
+    assert "1 of 3 slides failed" in result.stderr
+    assert done(out) == {"s0", "s1"}
+    for stem in ("s0", "s1"):
+        summary = json.loads((out / f"{stem}.json").read_text())
+        features = json.loads((out / f"{stem}.geojson").read_text())["features"]
+        assert summary["nuclei"] == len(features)
+        assert summary["model"]["name"] == "tiny-random"
+        assert summary["tiling"]["workers"] == 0  # daemonic Dask workers read in a thread
+        assert result.output.count(f"{stem}.svs: {summary['nuclei']} nuclei") == 1
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.cellseg-work"))
