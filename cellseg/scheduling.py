@@ -215,6 +215,10 @@ def _import_distributed():
     return distributed
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 @contextlib.contextmanager
 def _client(scheduler: str, layout: LocalLayout, connect_timeout_s: float):
     """A Dask client of a new LocalCluster (``"local"``) or of the scheduler at an address."""
@@ -224,8 +228,13 @@ def _client(scheduler: str, layout: LocalLayout, connect_timeout_s: float):
     if scheduler != "local":
         try:
             client = distributed.Client(scheduler, timeout=connect_timeout_s)
-        except (OSError, TimeoutError, ValueError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        except ValueError as exc:
+            raise CellsegError(
+                f"--scheduler {scheduler}: neither 'local' nor an address like "
+                f"tcp://HOST:8786 ({_first_line(exc)})"
+            ) from None
+        except (OSError, TimeoutError) as exc:
+            first = _first_line(exc)
             raise CellsegError(
                 f"cannot reach the Dask scheduler at {scheduler} within "
                 f"{connect_timeout_s:g} s ({first})"
@@ -359,6 +368,17 @@ def in_dask_worker() -> bool:
     except (ImportError, ValueError):
         return False
     return True
+
+
+def worker_name() -> str | None:
+    """The Dask worker running this task (its name, else its address); None outside Dask."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    return str(worker.name if worker.name is not None else worker.address)
 
 
 def can_start_processes() -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import CellsegError
 from .predict import PredictOptions, SlideOutputs, predict_slide
-from .scheduling import cached_predictor, can_start_processes, prepare_worker
+from .scheduling import cached_predictor, can_start_processes, prepare_worker, worker_name
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def run_slide(slide_path: str | Path, job: SlideJob, predictor: Any = None) -> d
             process's model cache.
 
     Returns:
-        ``{"slide", "status", "error", "resumed", "outputs", "summary"}``: status ``done``
+        ``{"slide", "status", "error", "resumed", "outputs", "summary", "worker"}``: status
+        ``done``
         (``summary`` is :func:`cellseg.predict.predict_slide`'s), ``skipped`` (every output
         exists; ``overwrite`` is off) or ``failed`` (``error`` is the one-line message).
     """
@@ -87,6 +88,7 @@ def run_slide(slide_path: str | Path, job: SlideJob, predictor: Any = None) -> d
         "resumed": outputs.is_resumable(),
         "outputs": [str(p) for p in outputs.paths()],
         "summary": None,
+        "worker": worker_name(),
     }
     options = job.options
     if not options.overwrite and not record["resumed"] and outputs.existing() == outputs.paths():

@@ -151,13 +151,18 @@ def _slide_task(scheduler, layout, model_path, device, tta, options, out_dir, ex
     spec = _model_spec(model_path, device, tta)
     if layout is not None:
         spec = replace(spec, torch_threads=layout.torch_threads)
-    return partial(run_slide, job=SlideJob(spec, options, out_dir, explicit))
+    # Workers have their own working folder: they get absolute paths.
+    absolute = {k: v.absolute() for k, v in vars(explicit).items() if v is not None}
+    out_dir = out_dir.absolute() if out_dir is not None else None
+    return partial(run_slide, job=SlideJob(spec, options, out_dir, replace(explicit, **absolute)))
 
 
 def _report(slide, outcome) -> bool:
     """Prints one slide's outcome; True when it failed."""
     if isinstance(outcome, BaseException):  # a bug or a lost worker, not an expected failure
-        click.echo(f"error: {slide}: {type(outcome).__name__}: {outcome}", err=True)
+        text = str(outcome).strip()
+        first = text.splitlines()[0] if text else ""
+        click.echo(f"error: {slide}: {type(outcome).__name__}: {first}", err=True)
         return True
     if outcome["status"] == "skipped":
         click.echo(f"{slide}: skipped, outputs exist (--overwrite to redo)", err=True)
@@ -350,12 +355,14 @@ def predict_command(
         return  # an empty shard: nothing to do is not an error
     resources, layout = _execution(scheduler, device, len(mine))
     task = _slide_task(scheduler, layout, model_path, device, tta, options, out_dir, explicit)
+    # Workers have their own working folder: they get absolute paths, we print the given ones.
+    given = {(p.absolute() if scheduler else p): p for p in mine}
     failed = 0
-    runs = run_tasks(task, mine, scheduler, resources=resources, layout=layout)
+    runs = run_tasks(task, list(given), scheduler, resources=resources, layout=layout)
     try:
         with closing(runs):
             for slide, outcome in runs:
-                failed += _report(slide, outcome)
+                failed += _report(given[slide], outcome)
     except KeyboardInterrupt:
         click.echo("stopped; the same command resumes the unfinished slides", err=True)
         raise
