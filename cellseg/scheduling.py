@@ -333,6 +333,16 @@ def _run_serial(task, items) -> Iterator[tuple[Any, Any]]:
         yield item, result
 
 
+def _readable(item: Any, exc: BaseException) -> BaseException:
+    """Dask's ``KilledWorker`` (the worker process died on this task, repeatedly) in words."""
+    if type(exc).__name__ != "KilledWorker":
+        return exc
+    return CellsegError(
+        f"{item}: the Dask worker running it died (out of memory or a crash; see the worker's "
+        "log); Dask gave up after its allowed retries"
+    )
+
+
 def _run_on(client, task, items, resources) -> Iterator[tuple[Any, Any]]:
     from distributed import as_completed
 
@@ -346,7 +356,7 @@ def _run_on(client, task, items, resources) -> Iterator[tuple[Any, Any]]:
         for future in as_completed(futures):
             item = futures[future]
             if future.status == "error":
-                yield item, future.exception()
+                yield item, _readable(item, future.exception())
             elif future.status == "cancelled":
                 yield item, CellsegError(f"{item}: the task was cancelled by the cluster")
             else:
@@ -386,9 +396,11 @@ def can_start_processes() -> bool:
     return not multiprocessing.current_process().daemon
 
 
-@functools.cache
 def _host_share_of_cores() -> int:
-    """This host's cores divided by the Dask worker processes on it (at least 1)."""
+    """This host's cores divided by the Dask worker processes on it now (at least 1).
+
+    Asked again for every slide (one small scheduler call), as workers come and go.
+    """
     from distributed import get_client, get_worker
 
     cores = usable_cores()
