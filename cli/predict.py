@@ -193,15 +193,15 @@ def _report(slide, outcome) -> bool:
     "--shard",
     type=ShardType(),
     default=None,
-    help="Only the I-th (0-based) of N disjoint shares of the slides, e.g. "
-    "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.",
+    help="Only the I-th (0-based) of N disjoint, balanced shares of the slides, for array "
+    "jobs (see examples/slurm_array.sbatch).",
 )
 @click.option(
     "--scheduler",
     default=None,
     metavar="local|ADDRESS",
     help="Run the slides as Dask tasks: 'local' starts a LocalCluster here, tcp://HOST:8786 "
-    "uses a running scheduler (pip install causal-cellseg[distributed]).",
+    "uses a running scheduler (needs the 'distributed' extra; see examples/dask_cluster.sh).",
 )
 @click.option(
     "--model",
