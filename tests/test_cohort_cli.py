@@ -123,14 +123,24 @@ def test_an_unreachable_scheduler_is_one_line_and_writes_nothing(
     assert done(out) == set()
 
 
-def test_a_local_cluster_runs_the_good_slides_and_reports_the_broken_one(
-    cohort, tiny_checkpoint, tmp_path
-):
-    pytest.importorskip("distributed")
-    out = tmp_path / "results"
-    slides = [cohort / "s0.svs", cohort / "broken.svs", cohort / "s1.svs"]
-    common = ["--model", tiny_checkpoint, "--device", "cpu", "--out-dir", out]
-    result = run(*slides, *common, "--scheduler", "local", "--batch-size", "4")
+@pytest.fixture
+def scheduler_address():
+    """A Dask scheduler with two in-process (thread) workers: the client, task pickling and
+    result path of ``--scheduler ADDRESS`` without the seconds that worker processes take to
+    start and import torch (the test below with ``--scheduler local`` has real processes)."""
+    distributed = pytest.importorskip("distributed")
+    import torch
+
+    threads = torch.get_num_threads()  # the workers set torch's (process-wide) thread count
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        yield cluster.scheduler_address
+    torch.set_num_threads(threads)
+
+
+def check_cohort_run(result, out: Path) -> None:
+    """Three slides, ``broken.svs`` among them: two outputs once, one failure, exit 2."""
     assert result.exit_code == 2, result.output
     assert len(errors(result)) == 1 and "broken.svs" in errors(result)[0]
     assert "1 of 3 slides failed" in result.stderr
@@ -140,6 +150,30 @@ def test_a_local_cluster_runs_the_good_slides_and_reports_the_broken_one(
         features = json.loads((out / f"{stem}.geojson").read_text())["features"]
         assert summary["nuclei"] == len(features)
         assert summary["model"]["name"] == "tiny-random"
-        assert summary["tiling"]["workers"] == 0  # daemonic Dask workers read in a thread
         assert result.output.count(f"{stem}.svs: {summary['nuclei']} nuclei") == 1
     assert not list(out.glob("*.partial")) and not list(out.glob("*.cellseg-work"))
+
+
+def test_a_scheduler_address_runs_the_good_slides_and_reports_the_broken_one(
+    cohort, tiny_checkpoint, tmp_path, scheduler_address
+):
+    out = tmp_path / "results"
+    slides = [cohort / "s0.svs", cohort / "broken.svs", cohort / "s1.svs"]
+    common = ["--model", tiny_checkpoint, "--device", "cpu", "--out-dir", out, "--batch-size", "4"]
+    threads = ["--workers", "0", "--label-workers", "0"]  # in-process workers: no reader processes
+    result = run(*slides, *common, *threads, "--scheduler", scheduler_address)
+    check_cohort_run(result, out)
+
+
+@pytest.mark.slow  # ~10-25 s: worker processes start and import torch
+def test_a_local_cluster_runs_the_good_slides_and_reports_the_broken_one(
+    cohort, tiny_checkpoint, tmp_path
+):
+    pytest.importorskip("distributed")
+    out = tmp_path / "results"
+    slides = [cohort / "s0.svs", cohort / "broken.svs", cohort / "s1.svs"]
+    common = ["--model", tiny_checkpoint, "--device", "cpu", "--out-dir", out, "--batch-size", "4"]
+    result = run(*slides, *common, "--scheduler", "local")
+    check_cohort_run(result, out)
+    summary = json.loads((out / "s0.json").read_text())
+    assert summary["tiling"]["workers"] == 0  # daemonic Dask workers read in a thread
