@@ -207,7 +207,8 @@ def local_layout(
     return LocalLayout(n_workers, torch_threads, gpu=gpus > 0, daemon=gpus == 0)
 
 
-def _import_distributed():
+def require_distributed():
+    """The ``distributed`` module, or a CellsegError saying how to install it."""
     try:
         import distributed
     except ImportError:
@@ -222,7 +223,7 @@ def _first_line(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _client(scheduler: str, layout: LocalLayout, connect_timeout_s: float):
     """A Dask client of a new LocalCluster (``"local"``) or of the scheduler at an address."""
-    distributed = _import_distributed()
+    distributed = require_distributed()
     import dask
 
     if scheduler != "local":

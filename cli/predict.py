@@ -93,29 +93,32 @@ def _slide_list(slides, slide_list, shard):
     return everything, mine
 
 
+def _model_file(model_path: Path | None) -> Path:
+    from cellseg.checkpoint import default_model_path
+
+    if model_path is not None:
+        return model_path
+    if not default_model_path().is_file():
+        fail(
+            "no default model is installed with this copy of cellseg; pass --model "
+            "<checkpoint.safetensors> (e.g. runs/wsi/best.safetensors from cellseg train)"
+        )
+    return default_model_path()
+
+
 def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
-    from cellseg.checkpoint import default_model_path, load_bundle
+    from cellseg.checkpoint import load_bundle
     from cellseg.inference import Predictor
 
-    if model_path is None:
-        model_path = default_model_path()
-        if not model_path.is_file():
-            fail(
-                "no default model is installed with this copy of cellseg; pass --model "
-                "<checkpoint.safetensors> (e.g. runs/wsi/best.safetensors from cellseg train)"
-            )
-    return Predictor(load_bundle(model_path), device=device, tta=tta)
+    return Predictor(load_bundle(_model_file(model_path)), device=device, tta=tta)
 
 
 def _model_spec(model_path: Path | None, device: str, tta: bool):
     """The model for Dask workers to load: checked here once, so that a bad file is one error."""
-    from cellseg.checkpoint import default_model_path, file_sha256, load_bundle
+    from cellseg.checkpoint import file_sha256, load_bundle
     from cellseg.slidetask import ModelSpec
 
-    if model_path is None:
-        model_path = default_model_path()
-        if not model_path.is_file():
-            fail("no default model is installed with this copy of cellseg; pass --model")
+    model_path = _model_file(model_path)
     load_bundle(model_path)  # ModelError: one line, before any task starts
     # Absolute, as the workers' working folder is not ours.
     return ModelSpec(model_path.resolve(), file_sha256(model_path), device, tta)
@@ -125,6 +128,9 @@ def _execution(scheduler, device, n_slides):
     """Dask resources and LocalCluster layout for ``--scheduler`` and ``--device``."""
     if scheduler is None:
         return None, None
+    from cellseg.scheduling import require_distributed
+
+    require_distributed()  # before the model is loaded: the install hint comes at once
     if scheduler != "local":
         # The workers decide "auto" themselves; "cuda" only runs where the GPU resource is.
         return ({"GPU": 1} if device == "cuda" else None), None

@@ -107,6 +107,16 @@ def test_a_list_without_a_path_column_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == errors(result) and "'path'" in result.stderr
 
 
+def test_without_dask_the_scheduler_option_says_what_to_install(monkeypatch, cohort, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
+    result = run(cohort / "s0.svs", "--out-dir", tmp_path / "r", "--scheduler", "local")
+    assert result.exit_code == 2 and errors(result) == result.stderr.strip().splitlines()
+    assert "pip install causal-cellseg[distributed]" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_an_unreachable_scheduler_is_one_line_and_writes_nothing(
     monkeypatch, cohort, tiny_checkpoint, tmp_path
 ):
