@@ -268,12 +268,14 @@ def _wait_for_workers(client, scheduler: str, timeout_s: float, resources) -> No
             f"the Dask scheduler at {scheduler} has no workers after {timeout_s:g} s "
             f"(start some: dask worker {scheduler} --nthreads 1)"
         ) from None
-    if resources:
-        workers = client.scheduler_info(n_workers=-1)["workers"].values()
-        if not any(w.get("resources", {}).get("GPU") for w in workers):
+    # A task needing a resource that no worker has would wait forever: say so instead.
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    for name, amount in (resources or {}).items():
+        if not any(w.get("resources", {}).get(name, 0) >= amount for w in workers):
+            hint = " that --device cuda needs" if name == "GPU" else ""
             raise CellsegError(
-                f"no worker of {scheduler} offers the GPU resource that --device cuda needs "
-                f"(start them with: dask worker {scheduler} --nthreads 1 --resources GPU=1)"
+                f"no worker of {scheduler} offers the {name} resource{hint} (start them with: "
+                f"dask worker {scheduler} --nthreads 1 --resources {name}={amount:g})"
             )
 
 
