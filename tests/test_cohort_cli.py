@@ -187,3 +187,14 @@ def test_a_local_cluster_runs_the_good_slides_and_reports_the_broken_one(
     check_cohort_run(result, out)
     summary = json.loads((out / "s0.json").read_text())
     assert summary["tiling"]["workers"] == 0  # daemonic Dask workers read in a thread
+
+
+def test_cuda_on_workers_without_the_gpu_resource_is_one_line(
+    cohort, tiny_checkpoint, tmp_path, scheduler_address
+):
+    out = tmp_path / "results"
+    args = [cohort / "s0.svs", "--model", tiny_checkpoint, "--out-dir", out, "--device", "cuda"]
+    result = run(*args, "--scheduler", scheduler_address)
+    assert result.exit_code == 2 and errors(result) == result.stderr.strip().splitlines()
+    assert "offers the GPU resource" in result.stderr and "--resources GPU=1" in result.stderr
+    assert done(out) == set()
