@@ -82,11 +82,12 @@ def _csv_entries(list_path: Path, text: str) -> list[str]:
 
 
 def _expand_argument(argument: str | Path) -> list[Path]:
-    """An existing path as is; else a glob (``**`` recursive, sorted); else the path itself."""
+    """An existing path as is; else a glob (``**`` recursive, sorted, files only: a MIRAX
+    slide's data folder beside its ``.mrxs`` is not a slide); else the path itself."""
     text = str(argument)
     if os.path.exists(text) or not GLOB_CHARS & set(text):
         return [Path(text)]
-    matches = sorted(glob.glob(text, recursive=True))
+    matches = sorted(m for m in glob.glob(text, recursive=True) if os.path.isfile(m))
     # An unmatched pattern stays, so that it is reported as a missing slide rather than dropped.
     return [Path(m) for m in matches] or [Path(text)]
 

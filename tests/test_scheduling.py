@@ -69,6 +69,7 @@ def test_an_unreadable_list_is_a_cellseg_error(tmp_path):
 def test_globs_are_expanded_recursively_and_sorted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     touch(Path("c/b.svs"), Path("c/a.svs"), Path("c/deep/er/d.svs"), Path("c/notes.txt"))
+    Path("c/folder.svs").mkdir()  # e.g. a MIRAX data folder: not a slide
     assert expand_slides(["c/*.svs"]) == [Path("c/a.svs"), Path("c/b.svs")]
     assert expand_slides(["c/**/*.svs"]) == [
         Path("c/a.svs"),
