@@ -370,7 +370,9 @@ def predict_command(
             for slide, outcome in runs:
                 failed += _report(given[slide], outcome)
     except KeyboardInterrupt:
-        click.echo("stopped; the same command resumes the unfinished slides", err=True)
+        if scheduler is not None:  # Dask cancels queued tasks but cannot stop running ones
+            click.echo("stopped; slides already running on workers finish there", err=True)
+        click.echo("the same command resumes the unfinished slides", err=True)
         raise
     if failed:
         if len(mine) > 1:
