@@ -169,12 +169,15 @@ class LocalLayout:
         daemon: Dask's default daemonic workers cannot start processes, so a slide's reader and
             labelling pools run as threads there; GPU workers are not daemonic so that their
             reader processes can keep the GPU fed.
+        memory_limit: per worker, as Dask takes it (``"auto"``: the machine's memory shared
+            between the workers; Dask restarts a worker that goes over 95 % of it).
     """
 
     n_workers: int
     torch_threads: int
     gpu: bool = False
     daemon: bool = True
+    memory_limit: str | int = "auto"
 
     @property
     def resources(self) -> dict[str, float] | None:
@@ -252,6 +255,7 @@ def _client(scheduler: str, layout: LocalLayout, connect_timeout_s: float):
             threads_per_worker=1,  # one slide at a time per worker process
             processes=True,
             resources=layout.resources,
+            memory_limit=layout.memory_limit,
             dashboard_address=None,  # no port to clash with another run's
             silence_logs=logging.CRITICAL,  # failures are reported per item by the caller
             env=env,

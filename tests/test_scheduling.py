@@ -178,10 +178,11 @@ def test_a_local_cluster_of_two_workers_runs_every_task_once():
 
     # The workers cannot import this test module by name: ship its functions by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    small_cluster = LocalLayout(n_workers=2, torch_threads=1, memory_limit="512MiB")
     try:
         items = list(range(7))
         outcomes = dict(
-            run_tasks(halve_even, items, "local", layout=LocalLayout(2, 1), workers_timeout_s=30)
+            run_tasks(halve_even, items, "local", layout=small_cluster, workers_timeout_s=30)
         )
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
