@@ -1,15 +1,17 @@
 """One slide of a cohort as a self-contained task, and the cohort report ``cohort.csv``.
 
-:func:`run_slide` is what ``cellseg predict`` runs for every slide, and what a distributed
-executor (Dask, a Slurm array task) can run instead: a top-level, picklable function of a slide
-path and a picklable :class:`SlideJob` (options, output paths, model *path*), returning a plain
-dict, the slide's row of ``cohort.csv``. The model is loaded through a per-process cache
-(:func:`cached_predictor`), so a worker process loads it once for all its slides.
+:func:`run_slide` is what ``cellseg predict`` runs for every slide, in this process or as a task
+on a Dask worker (:func:`cellseg.scheduling.run_tasks` runs ``partial(run_slide, job=job)``): a
+top-level, picklable function of a slide path and a picklable :class:`SlideJob` (options, where
+the outputs go, model *path*), returning a plain dict, the slide's row of ``cohort.csv``. The
+model is loaded through a per-process cache (:func:`cached_predictor`), so a worker process
+loads it once for all its slides.
 
 A slide that fails with an unexpected error is retried once (``SlideJob.retries``); expected
 failures (``CellsegError``: a broken slide, unknown mpp, a full disk) would only fail again and are
-recorded at once. Another
-process holding the slide's lock gives status ``busy`` (that process records the slide).
+recorded at once. Another process holding the slide's lock gives status ``busy`` (that process
+records the slide). A Dask worker that dies on a slide is the caller's to record
+(:func:`failed_row`).
 
 :func:`update_cohort` merges rows into ``cohort.csv`` keyed by slide, under a short lock, written
 atomically, so several processes (or runs) can share one report.
@@ -22,14 +24,16 @@ import csv
 import logging
 import math
 import os
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import BusyError, CellsegError, ModelError, OutputError
 from .outputs import os_error_message
 from .predict import PredictOptions, SlideOutputs, _precision_of, predict_slide
+from .scheduling import can_start_processes, prepare_worker, worker_name
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ COHORT_COLUMNS = (
     "seconds",
     "model_sha256",
     "precision",
+    "worker",  # the Dask worker that ran the slide (its name or address), else the host
 )
 COHORT_LOCK_WAIT_S = 60.0  # a cohort.csv lock older than this belongs to a dead process
 
@@ -53,30 +58,71 @@ _PREDICTORS: dict[tuple, Any] = {}
 
 @dataclass(frozen=True)
 class SlideJob:
-    """How to process one slide, without the slide path (picklable: no model, no open file).
+    """How to process a slide, without the slide path (picklable: no model, no open file).
 
     Attributes:
-        outputs: where the slide's results go.
+        outputs: explicit output paths (a single slide's ``--out``, ``--zarr``, ...).
         options: reading, tiling and post-processing choices.
         model_path: checkpoint; None: the model shipped with cellseg.
         device: ``auto``, ``cpu`` or ``cuda``.
         tta: test-time augmentation.
         retries: further attempts after an unexpected failure.
         progress: draw a progress bar on stderr.
+        out_dir: each slide's ``<stem>.geojson``, ``.zarr``, ``.json`` go here (an explicit
+            path in ``outputs`` wins); None: only ``outputs``.
+        overlays: with ``out_dir``, also ``<stem>.png``.
+        model_sha256: the client's model file hash; a worker whose copy differs refuses to run.
+        torch_threads: CPU threads for torch in the process that runs the slide; None: as it
+            is (in a Dask worker: the host's cores split between its workers).
     """
 
-    outputs: SlideOutputs
-    options: PredictOptions
+    outputs: SlideOutputs = field(default_factory=SlideOutputs)
+    options: PredictOptions = field(default_factory=PredictOptions)
     model_path: Path | None = None
     device: str = "auto"
     tta: bool = False
     retries: int = 1
     progress: bool = False
+    out_dir: Path | None = None
+    overlays: bool = False
+    model_sha256: str | None = None
+    torch_threads: int | None = None
+
+    def outputs_for(self, slide_path: str | Path) -> SlideOutputs:
+        """The slide's outputs: ``outputs`` where given, else ``out_dir/<stem>.*``."""
+        if self.out_dir is None:
+            return self.outputs
+        base = SlideOutputs.in_dir(self.out_dir, Path(slide_path), overlay=self.overlays)
+        given = self.outputs
+        return SlideOutputs(
+            geojson=given.geojson or base.geojson,
+            zarr=given.zarr or base.zarr,
+            overlay=given.overlay or base.overlay,
+            summary=given.summary or base.summary,
+        )
+
+    def absolute(self) -> SlideJob:
+        """The same job with absolute paths, for worker processes in another working folder."""
+        given = {k: v.absolute() for k, v in vars(self.outputs).items() if v is not None}
+        return replace(
+            self,
+            outputs=replace(self.outputs, **given),
+            model_path=None if self.model_path is None else self.model_path.absolute(),
+            out_dir=None if self.out_dir is None else self.out_dir.absolute(),
+        )
 
 
-def cached_predictor(model_path: Path | None, device: str = "auto", tta: bool = False) -> Any:
-    """The ``cellseg.inference.Predictor`` of a checkpoint, loaded once per process."""
-    from .checkpoint import default_model_path, load_bundle
+def cached_predictor(
+    model_path: Path | None, device: str = "auto", tta: bool = False, sha256: str | None = None
+) -> Any:
+    """The ``cellseg.inference.Predictor`` of a checkpoint, loaded once per process.
+
+    The key holds the file's size and modification time, so a file replaced between two runs of
+    a long-lived worker is loaded again. ``sha256``: the client's hash of the file, checked when
+    it is loaded, so a worker whose copy differs (another file system) fails instead of mixing
+    two models in one cohort.
+    """
+    from .checkpoint import default_model_path, file_sha256, load_bundle
     from .inference import Predictor
 
     path = Path(model_path) if model_path is not None else default_model_path()
@@ -85,6 +131,8 @@ def cached_predictor(model_path: Path | None, device: str = "auto", tta: bool = 
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, device, tta)
     if key not in _PREDICTORS:
+        if sha256 is not None and file_sha256(path) != sha256:
+            raise ModelError(f"{path}: this worker's copy differs from the client's (SHA-256)")
         _PREDICTORS.clear()  # one model per process at a time
         _PREDICTORS[key] = Predictor(load_bundle(path), device=device, tta=tta)
     return _PREDICTORS[key]
@@ -93,6 +141,7 @@ def cached_predictor(model_path: Path | None, device: str = "auto", tta: bool = 
 def _row(slide: Path, status: str, error: str = "", **values: Any) -> dict[str, Any]:
     row = dict.fromkeys(COHORT_COLUMNS, "")
     row.update({"slide": str(Path(slide).absolute()), "status": status, "error": error})
+    row["worker"] = worker_name() or socket.gethostname()
     row.update({k: ("" if v is None else v) for k, v in values.items() if k in row})
     return row
 
@@ -119,25 +168,51 @@ def summary_row(slide: Path, summary: dict[str, Any], precision: str | None) -> 
     )
 
 
+def failed_row(slide: str | Path, exc: BaseException) -> dict[str, Any]:
+    """The row of a slide whose task ended in ``exc`` outside :func:`run_slide` (e.g. a Dask
+    worker that died on it), with a one-line error."""
+    if isinstance(exc, CellsegError):
+        error = str(exc)
+    else:
+        error = f"{slide}: internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    return {**_row(Path(slide), "failed", error), "worker": ""}  # where it ran is not known
+
+
+def _process_options(options: PredictOptions) -> PredictOptions:
+    """Reader and labelling pools as threads where this process may not start processes (a
+    daemonic Dask worker); :func:`cellseg.predict.predict_slide` records the numbers used."""
+    if can_start_processes():
+        return options
+    return replace(options, workers=0, label_workers=0)
+
+
+def _model(job: SlideJob) -> Any:
+    device = prepare_worker(job.device, job.torch_threads)
+    return cached_predictor(job.model_path, device, job.tta, job.model_sha256)
+
+
 def run_slide(slide_path: str | Path, job: SlideJob, predictor: Any = None) -> dict[str, Any]:
     """Processes one slide; returns its ``cohort.csv`` row (never raises for a failed slide).
 
     Args:
         slide_path: the slide.
-        job: options and outputs.
+        job: options and outputs (:meth:`SlideJob.outputs_for` the slide).
         predictor: a loaded model to use instead of ``job.model_path`` (the CLI passes the one
-            it loaded; worker processes leave it None and use :func:`cached_predictor`).
+            it loaded for a run in its own process; Dask workers leave it None and use
+            :func:`cached_predictor`).
 
     The row has every column of :data:`COHORT_COLUMNS`; failures have ``status`` ``failed`` and
     the one-line ``error``. Unexpected exceptions (bugs) are logged with their traceback.
     KeyboardInterrupt propagates (the partial state is kept for resuming).
     """
     slide = Path(slide_path)
+    outputs = job.outputs_for(slide)
+    options = _process_options(job.options)
     error = ""
     for attempt in range(1 + max(0, job.retries)):
         try:
-            model = predictor or cached_predictor(job.model_path, job.device, job.tta)
-            summary = predict_slide(slide, model, job.outputs, job.options, progress=job.progress)
+            model = predictor or _model(job)
+            summary = predict_slide(slide, model, outputs, options, progress=job.progress)
             return summary_row(slide, summary, _precision_of(model, job.options))
         except BusyError as exc:
             return _row(slide, "busy", str(exc))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -41,8 +43,8 @@ def _check_suffix(path: Path | None, allowed: tuple[str, ...], option: str) -> N
         fail(f"{option} {path}: expected a file ending in {', '.join(allowed)}")
 
 
-def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary, overlays=False):
-    """One ``SlideOutputs`` per slide; usage errors exit with one line."""
+def _check_outputs(slides, out_dir, geojson, zarr_path, overlay, summary, overlays=False):
+    """The explicit output paths of the run, checked against the slides; usage errors exit."""
     from cellseg.predict import SlideOutputs
 
     if overlays and out_dir is None:
@@ -65,22 +67,40 @@ def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary, overlay
     _check_suffix(geojson, GEOJSON_SUFFIXES, "--out")
     _check_suffix(overlay, (".png", ".jpg", ".jpeg", ".tif", ".tiff"), "--overlay")
     _check_suffix(summary, (".json",), "--summary")
-    plans = []
-    for slide in slides:
-        base = (
-            SlideOutputs.in_dir(out_dir, slide, overlay=overlays)
-            if out_dir is not None
-            else SlideOutputs()
+    return SlideOutputs(geojson=geojson, zarr=zarr_path, overlay=overlay, summary=summary)
+
+
+class ShardType(click.ParamType):
+    """``I/N``: the I-th (0-based) of N disjoint shares of the slide list."""
+
+    name = "I/N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from cellseg.scheduling import parse_shard
+
+        try:
+            return parse_shard(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _slide_list(slides, slide_list, shard, quiet: bool):
+    """The slides of this run (arguments, globs, --slides) and this shard's share of them."""
+    from cellseg.scheduling import expand_slides, shard_slides
+
+    everything = expand_slides(slides, slide_list)
+    if not everything:
+        fail(f"{slide_list}: lists no slides" if slide_list else "give SLIDES or --slides FILE")
+    if shard is None:
+        return everything, everything
+    mine = shard_slides(everything, *shard)
+    if not quiet:
+        click.echo(
+            f"shard {shard[0]}/{shard[1]}: {len(mine)} of {len(everything)} slides", err=True
         )
-        plans.append(
-            SlideOutputs(
-                geojson=geojson or base.geojson,
-                zarr=zarr_path or base.zarr,
-                overlay=overlay or base.overlay,
-                summary=summary or base.summary,
-            )
-        )
-    return plans
+    return everything, mine
 
 
 def _check_mpp(mpp: float | None) -> None:
@@ -124,23 +144,110 @@ def _report(slide: Path, row: dict, outputs, quiet: bool) -> None:
         )
 
 
+def _model_file(model_path: Path | None) -> Path:
+    from cellseg.checkpoint import default_model_path
+
+    if model_path is not None:
+        return model_path
+    if not default_model_path().is_file():
+        fail(
+            "no default model is installed with this copy of cellseg; pass --model "
+            "<checkpoint.safetensors> (e.g. runs/wsi/best.safetensors from cellseg train)",
+            code=EXIT_FAILURE,
+        )
+    return default_model_path()
+
+
 def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
-    from cellseg.checkpoint import default_model_path, load_bundle
+    from cellseg.checkpoint import load_bundle
     from cellseg.inference import Predictor
 
-    if model_path is None:
-        model_path = default_model_path()
-        if not model_path.is_file():
-            fail(
-                "no default model is installed with this copy of cellseg; pass --model "
-                "<checkpoint.safetensors> (e.g. runs/wsi/best.safetensors from cellseg train)",
-                code=EXIT_FAILURE,
-            )
-    return Predictor(load_bundle(model_path), device=device, tta=tta)
+    return Predictor(load_bundle(_model_file(model_path)), device=device, tta=tta)
+
+
+def _check_model(model_path: Path | None) -> tuple[Path, str]:
+    """The model file for Dask workers to load and its SHA-256, checked here once so that a bad
+    file is one error before any task starts."""
+    from cellseg.checkpoint import file_sha256, load_bundle
+
+    path = _model_file(model_path)
+    load_bundle(path)  # ModelError: one line
+    return path, file_sha256(path)
+
+
+def _execution(scheduler, device, n_slides):
+    """Dask resources and LocalCluster layout for ``--scheduler`` and ``--device``."""
+    if scheduler is None:
+        return None, None
+    from cellseg.scheduling import require_distributed
+
+    require_distributed()  # before the model is loaded: the install hint comes at once
+    if scheduler != "local":
+        # The workers decide "auto" themselves; "cuda" only runs where the GPU resource is.
+        return ({"GPU": 1} if device == "cuda" else None), None
+    import torch
+
+    from cellseg.inference import resolve_device
+    from cellseg.scheduling import local_layout
+
+    gpus = torch.cuda.device_count() if resolve_device(device).type == "cuda" else 0
+    layout = local_layout(n_slides, gpus=gpus)
+    return layout.resources, layout
+
+
+def _slide_task(job, scheduler, layout, model_path, device, tta):
+    """``slide -> cohort row``: :func:`cellseg.batch.run_slide` with the job bound (picklable).
+
+    In this process the model is loaded once, here; Dask workers load it themselves, once per
+    worker process, and get absolute paths (their working folder is not ours).
+    """
+    from functools import partial
+
+    from cellseg.batch import run_slide
+
+    if scheduler is None:
+        return partial(run_slide, job=job, predictor=_load_predictor(model_path, device, tta))
+    path, sha256 = _check_model(model_path)
+    threads = layout.torch_threads if layout is not None else None
+    job = replace(job, model_path=path, model_sha256=sha256, torch_threads=threads, progress=False)
+    return partial(run_slide, job=job.absolute())
+
+
+def _interrupted(scheduler, current) -> None:
+    """One line for Ctrl-C or SIGTERM, then exit 130 (the partial state is kept)."""
+    if scheduler is not None:  # Dask cancels queued tasks but cannot stop running ones
+        message = "interrupted; slides already running on Dask workers finish there, the same "
+        message += "command resumes the others"
+    else:  # serial: the slide that was running
+        message = f"{current}: interrupted; the same command resumes it"
+    click.echo(message, err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--slides",
+    "slide_list",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Slide list: one path per line (# comments), or a CSV with a 'path' column; "
+    "relative paths are relative to the list. Quoted globs in SLIDES also work ('**/*.svs').",
+)
+@click.option(
+    "--shard",
+    type=ShardType(),
+    default=None,
+    help="Only the I-th (0-based) of N disjoint, balanced shares of the slides, for array "
+    "jobs (see examples/slurm_array.sbatch).",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="local|ADDRESS",
+    help="Run the slides as Dask tasks: 'local' starts a LocalCluster here, tcp://HOST:8786 "
+    "uses a running scheduler (needs the 'distributed' extra; see examples/dask_cluster.sh).",
+)
 @click.option(
     "--model",
     "model_path",
@@ -248,6 +355,9 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
 def predict_command(
     ctx,
     slides,
+    slide_list,
+    shard,
+    scheduler,
     model_path,
     geojson,
     zarr_path,
@@ -281,19 +391,18 @@ def predict_command(
       cellseg predict slide.svs --out nuclei.geojson --zarr nuclei.zarr --overlay overview.png
       cellseg predict cohort/*.svs --out-dir results/ --overlays --device cuda --batch-size 256
       cellseg predict slide.mrxs --roi 20000,15000,4000,4000 --mpp 0.243 --out roi.geojson.gz
+      cellseg predict --slides cohort.csv --out-dir results/ --scheduler tcp://head:8786
+      cellseg predict 'cohort/**/*.svs' --out-dir results/ --shard 0/8
     """
-    slides = list(slides)
-    plans = _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary, overlays)
+    quiet = bool((ctx.obj or {}).get("quiet"))
+    everything, mine = _slide_list(slides, slide_list, shard, quiet)
+    explicit = _check_outputs(everything, out_dir, geojson, zarr_path, overlay, summary, overlays)
     _check_mpp(mpp)
-    cohort = out_dir / "cohort.csv" if out_dir is not None else None
-    _check_paths(slides, plans, model_path, cohort)
-    from cellseg.batch import SlideJob, run_slide, update_cohort
+    from cellseg.batch import SlideJob, failed_row, update_cohort
     from cellseg.outputs import SlideLock, check_writable
     from cellseg.predict import PredictOptions
+    from cellseg.scheduling import run_tasks
 
-    # Before the model is loaded or any slide read: a read-only --out-dir fails in a second.
-    check_writable([p for plan in plans for p in plan.paths()] + ([cohort] if cohort else []))
-    predictor = _load_predictor(model_path, device, tta)
     options = PredictOptions(
         backend=backend,
         mpp=mpp,
@@ -305,27 +414,47 @@ def predict_command(
         object_type=object_type,
         overwrite=overwrite,
     )
-    quiet = bool((ctx.obj or {}).get("quiet"))
-    progress = sys.stderr.isatty() and not quiet
-    failed = []
-    for slide, outputs in zip(slides, plans, strict=True):
+    progress = sys.stderr.isatty() and not quiet and scheduler is None
+    job = SlideJob(explicit, options, model_path, device, tta, progress=progress)
+    job = replace(job, out_dir=out_dir, overlays=overlays)
+    cohort = out_dir / "cohort.csv" if out_dir is not None else None
+    # Clashes are checked on the whole list, so that every shard accepts or refuses it alike.
+    _check_paths(everything, [job.outputs_for(s) for s in everything], model_path, cohort)
+    if not mine:
+        return  # an empty shard: nothing to do is not an error
+    plans = {slide: job.outputs_for(slide) for slide in mine}
+    # Before the model is loaded or any slide read: a read-only --out-dir fails in a second.
+    check_writable(
+        [p for plan in plans.values() for p in plan.paths()] + ([cohort] if cohort else [])
+    )
+    resources, layout = _execution(scheduler, device, len(mine))
+    task = _slide_task(job, scheduler, layout, model_path, device, tta)
+    for slide, outputs in plans.items():
         # (A locked slide is another process's current work, not an interrupted run.)
         if outputs.is_resumable() and not SlideLock(outputs.lock_path).is_held() and not quiet:
             click.echo(f"{slide}: resuming the interrupted run", err=True)
-        job = SlideJob(outputs, options, model_path, device, tta, progress=progress)
-        try:
-            row = run_slide(slide, job, predictor)
-        except KeyboardInterrupt:
-            click.echo(f"{slide}: interrupted; the same command resumes it", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        _report(slide, row, outputs, quiet)
-        if cohort is not None:
-            update_cohort(cohort, [row])
-        if row["status"] == "failed":
-            failed.append(slide)
+    # Workers have their own working folder: they get absolute paths, we print the given ones.
+    given = {(slide.absolute() if scheduler else slide): slide for slide in mine}
+    pending = dict.fromkeys(mine)  # in order: a serial run's current slide is the first one
+    failed = []
+    runs = run_tasks(task, list(given), scheduler, resources=resources, layout=layout)
+    try:
+        with closing(runs):
+            for item, outcome in runs:
+                slide = given[item]
+                del pending[slide]
+                # A task that did not return a row: the worker died, or a bug outside run_slide.
+                row = failed_row(slide, outcome) if isinstance(outcome, BaseException) else outcome
+                _report(slide, row, plans[slide], quiet)
+                if cohort is not None:
+                    update_cohort(cohort, [row])
+                if row["status"] == "failed":
+                    failed.append(slide)
+    except KeyboardInterrupt:
+        _interrupted(scheduler, next(iter(pending), None))
     if failed:
-        if len(slides) > 1:
+        if len(mine) > 1:
             names = ", ".join(str(s) for s in failed)
             where = f"; recorded in {cohort}" if cohort is not None else ""
-            click.echo(f"{len(failed)} of {len(slides)} slides failed: {names}{where}", err=True)
+            click.echo(f"{len(failed)} of {len(mine)} slides failed: {names}{where}", err=True)
         sys.exit(EXIT_FAILURE)
