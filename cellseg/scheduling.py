@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,10 +356,12 @@ def _readable(item: Any, exc: BaseException) -> BaseException:
 def _run_on(client, task, items, resources) -> Iterator[tuple[Any, Any]]:
     from distributed import as_completed
 
-    # pure=False: a slide must run even if an identical task ran before (its outputs may be
-    # gone); the key also names the item on the dashboard.
+    # Keys are unique per run: the scheduler shares a key's result between its clients, so two
+    # runs at once (two shards, two users) with keys like cellseg-0 would get each other's
+    # results. The run id and index also name the task on the dashboard.
+    run_id = uuid.uuid4().hex[:12]
     futures = {
-        client.submit(task, item, pure=False, resources=resources, key=f"cellseg-{i}"): item
+        client.submit(task, item, resources=resources, key=f"cellseg-{run_id}-{i}"): item
         for i, item in enumerate(items)
     }
     try:

@@ -124,10 +124,16 @@ def _check_paths(slides, plans, model_path: Path | None, cohort: Path | None) ->
         fail(problem)
 
 
-def _report(slide: Path, row: dict, outputs, quiet: bool) -> None:
-    """One line per slide: the result on stdout, anything else on stderr."""
+def _report(slide: Path, row: dict, outputs, quiet: bool, remote: bool = False) -> None:
+    """One line per slide: the result on stdout, anything else on stderr.
+
+    ``remote``: the slide ran on a Dask worker, whose log lines stay in the worker's log, so its
+    warnings (e.g. no tissue found), recorded in the row, are printed here.
+    """
     status = row["status"]
     name = click.format_filename(slide)
+    if remote and status == "done" and row["error"] and not quiet:
+        click.echo(f"warning: {name}: {row['error']}", err=True)
     if status == "failed":
         click.echo(f"error: {row['error']}", err=True)
     elif status == "busy":
@@ -445,7 +451,7 @@ def predict_command(
                 del pending[slide]
                 # A task that did not return a row: the worker died, or a bug outside run_slide.
                 row = failed_row(slide, outcome) if isinstance(outcome, BaseException) else outcome
-                _report(slide, row, plans[slide], quiet)
+                _report(slide, row, plans[slide], quiet, remote=scheduler is not None)
                 if cohort is not None:
                     update_cohort(cohort, [row])
                 if row["status"] == "failed":

@@ -237,3 +237,19 @@ def test_a_worker_that_dies_on_a_slide_is_a_failed_row_and_the_others_go_on(
     assert "s1.svs: the Dask worker running it died" in errors(result)[0]
     assert statuses(out) == {"s0.svs": "done", "s1.svs": "failed", "s2.svs": "done"}
     assert "1 of 3 slides failed: " in result.stderr
+
+
+def test_warnings_of_slides_run_on_workers_are_printed_by_the_client(
+    tiny_checkpoint, tmp_path, scheduler_address, monkeypatch
+):
+    import numpy as np
+
+    make_pyramid_tiff(tmp_path / "blank.svs", np.full((224, 300, 3), 255, np.uint8), 0.5)
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", tiny_checkpoint, "--device", "cpu", "--out-dir", "results"]
+    result = run("blank.svs", *common, "--workers", "0", "--scheduler", scheduler_address)
+    assert result.exit_code == 0, result.output
+    # The client's line names the slide as given (these in-process workers also log their own,
+    # with the absolute path; real worker processes log to their own log).
+    lines = result.stderr.splitlines()
+    assert sum(line.startswith("warning: blank.svs: no tissue found") for line in lines) == 1

@@ -171,6 +171,8 @@ def test_an_unreachable_scheduler_is_one_line(monkeypatch):
     assert "\n" not in message
 
 
+@pytest.mark.slow  # ~6-10 s: two worker processes start; the run_slide job's pickling is
+# checked in test_reliability, the client path on in-process workers in test_cohort_cli
 def test_a_local_cluster_of_two_workers_runs_every_task_once():
     pytest.importorskip("distributed")
     import cloudpickle
@@ -191,6 +193,22 @@ def test_a_local_cluster_of_two_workers_runs_every_task_once():
             assert isinstance(outcome, ValueError) and f"{x} is odd" in str(outcome)
         else:
             assert outcome == x // 2
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def test_two_runs_at_once_on_one_scheduler_get_their_own_results():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        first = run_tasks(halve_even, [4, 8], cluster.scheduler_address)
+        next(first)  # submitted, and its futures held while the second run goes
+        second = dict(run_tasks(double, [4, 8], cluster.scheduler_address))
+        first.close()
+    assert second == {4: 8, 8: 16}
 
 
 # ------------------------------------------------- the per-slide task on a worker (cellseg.batch)
