@@ -94,6 +94,7 @@ class SlidePlan:
     model_name: str
     model_sha256: str | None
     tta: bool = False  # the predictor averages the 8 D4 views of each tile
+    precision: str = "fp32"  # the predictor's resolved precision (cellseg.precision)
 
     @property
     def block_tile_counts(self) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import device_option, tta_option, user_errors
+from .common import device_option, precision_option, tta_option, user_errors
 
 COLUMNS = ("dice", "iou", "aji", "pq", "dq", "sq")
 
@@ -50,8 +50,9 @@ COLUMNS = ("dice", "iou", "aji", "pq", "dq", "sq")
 )
 @tta_option
 @device_option
+@precision_option
 @user_errors
-def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device):
+def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device, precision):
     """Evaluate a checkpoint and print a per-image table with mean ± std.
 
     \b
@@ -69,7 +70,9 @@ def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device
         wanted = set(read_ids(ids_file))
         files = [f for f in files if f.image_id in wanted]
     samples = [load_sample(f) for f in files]
-    result = evaluate(bundle, samples, protocol=protocol, device=device, tta=tta)
+    result = evaluate(
+        bundle, samples, protocol=protocol, device=device, tta=tta, precision=precision
+    )
     cols = [c for c in COLUMNS if c in result["summary"]]
     click.echo(f"{'image':<28}" + "".join(f"{c:>9}" for c in cols))
     for row in result["per_image"]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .common import device_option, fail, tta_option, user_errors
+from .common import device_option, fail, precision_option, tta_option, user_errors
 
 OBJECT_TYPES = ("detection", "cell", "annotation")  # cellseg.geojson.OBJECT_TYPES
 GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")  # what QuPath imports
@@ -74,7 +74,9 @@ def _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary):
     return plans
 
 
-def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
+def _load_predictor(
+    model_path: Path | None, device: str, tta: bool = False, precision: str = "auto"
+):
     from cellseg.checkpoint import default_model_path, load_bundle
     from cellseg.inference import Predictor
 
@@ -85,7 +87,7 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
                 "no default model is installed with this copy of cellseg; pass --model "
                 "<checkpoint.safetensors> (e.g. runs/wsi/best.safetensors from cellseg train)"
             )
-    return Predictor(load_bundle(model_path), device=device, tta=tta)
+    return Predictor(load_bundle(model_path), device=device, precision=precision, tta=tta)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -173,6 +175,7 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
 )
 @device_option
 @tta_option
+@precision_option
 @click.option(
     "--object-type",
     type=click.Choice(OBJECT_TYPES),
@@ -199,6 +202,7 @@ def predict_command(
     label_workers,
     device,
     tta,
+    precision,
     object_type,
     overwrite,
 ):
@@ -219,7 +223,7 @@ def predict_command(
     from cellseg.errors import CellsegError
     from cellseg.predict import PredictOptions, predict_slide
 
-    predictor = _load_predictor(model_path, device, tta)
+    predictor = _load_predictor(model_path, device, tta, precision)
     options = PredictOptions(
         backend=backend,
         mpp=mpp,
