@@ -48,12 +48,17 @@ def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
         text = ""
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            found.update(f for f in _FAST_BF16_CPU_FLAGS if f in flags)
-            break
+    found.update(f for f in _FAST_BF16_CPU_FLAGS if f in cpuinfo_flags(text))
     return tuple(f for f in _FAST_BF16_CPU_FLAGS if f in found)
+
+
+def cpuinfo_flags(text: str) -> set[str]:
+    """The ``flags`` of the first processor in a ``/proc/cpuinfo`` text (empty if none)."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
 
 
 def bf16_is_fast(device: torch.device) -> bool:

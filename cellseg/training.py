@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -401,6 +402,25 @@ class Trainer:
         self.best_dice = float(state["best_dice"])
         self.best_epoch = int(state["best_epoch"])
         self.set_rng_state(state)
+        self._fit_schedule_to_budget()
+
+    def _fit_schedule_to_budget(self) -> None:
+        """A resume with another ``--epochs`` re-targets the cosine at the new budget (closed
+        form at the current epoch); with the same budget the restored schedule is untouched."""
+        budget = self.opts.epoch_budget
+        if self.scheduler.T_max == budget:
+            return
+        self.scheduler.T_max = budget
+        progress = min(self.epoch, budget) / budget
+        for group, base_lr in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, strict=True
+        ):
+            lr = (
+                self.opts.min_lr
+                + (base_lr - self.opts.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+            )
+            group["lr"] = lr
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def load_init_weights(self) -> str:
         """Copies the weights of ``opts.init_from`` into the model; returns the file's SHA-256.
