@@ -171,3 +171,24 @@ def test_training_learns(tmp_path):
     assert records[-1]["loss_total"] < 0.7 * records[0]["loss_total"]
     # Foreground is ~15 % of each tile: all-nucleus scores Dice ~0.26, the untrained net ~0.1.
     assert untrained < 0.4 and trainer.best_dice > 0.65
+
+
+def test_train_cli_records_the_precision(monuseg, tmp_path):
+    from click.testing import CliRunner
+
+    from cellseg.checkpoint import load_bundle
+    from cli.main import cellseg
+
+    out = tmp_path / "bf16"
+    args = ["train", "--data", str(monuseg), "--preset", "paper", "--epochs", "1"]
+    args += ["--precision", "bf16", "--model-size", "tiny", "--batch-size", "2"]
+    args += ["--device", "cpu", "--threads", "1", "--out", str(out)]
+    result = CliRunner().invoke(cellseg, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "options.json").read_text())
+    assert info["options"]["precision"] == "bf16" and info["precision"] == "bf16"
+    assert info["channels_last"] is True
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert record["precision"] == "bf16"
+    assert load_bundle(out / "best.safetensors").meta["precision"] == "bf16"
+    assert training_state(out)["precision"] == "bf16"
