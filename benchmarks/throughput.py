@@ -620,7 +620,7 @@ def time_training(
         preset="wsi",
         model_size=model_size,
         batch_size=batch_size,
-        crops_per_tile=1,
+        crops_per_tile=batch_size,  # at least one batch whatever the tile count; set below
         device=device,
         precision=precision,
         workers=workers,
