@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiles", type=int, default=None, help="only the first N val tiles")
     parser.add_argument("--slide", type=Path, default=ROOT / "tests/data/CMU-1-Small-Region.svs")
     parser.add_argument("--no-slide", action="store_true")
+    parser.add_argument("--no-tiles", action="store_true")
     parser.add_argument(
         "--roi", default=None, help="x,y,w,h: only this level-0 rectangle of the slide"
     )
@@ -190,11 +191,12 @@ def main(argv=None) -> int:
         f"{resolve_precision('auto', device)} here)"
     )
     ok = True
-    ids = read_ids(args.data / "val_ids.txt")[: args.tiles]
-    files = [f for f in find_samples(args.data / "train") if f.image_id in set(ids)]
-    samples = [load_sample(f) for f in files]
-    print(f"MoNuSeg validation tiles ({len(samples)}), native protocol (cellseg.evaluation):")
-    ok &= print_tiles(tiles_agreement(bundle, samples, args.device))
+    if not args.no_tiles:
+        ids = read_ids(args.data / "val_ids.txt")[: args.tiles]
+        files = [f for f in find_samples(args.data / "train") if f.image_id in set(ids)]
+        samples = [load_sample(f) for f in files]
+        print(f"MoNuSeg validation tiles ({len(samples)}), native protocol (cellseg.evaluation):")
+        ok &= print_tiles(tiles_agreement(bundle, samples, args.device))
     if not args.no_slide:
         with tempfile.TemporaryDirectory() as work:
             roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
