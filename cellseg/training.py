@@ -80,7 +80,7 @@ class TrainOptions:
     seed: int = 0
     threads: int | None = None
     workers: int = 0  # DataLoader worker processes (0: augment in the main process)
-    compile: bool = False  # torch.compile the model (measured slower on 2 CPU cores; off)
+    compile: bool = False  # torch.compile (minutes to compile on the CPU, no gain shown; off)
     init_from: str | None = None  # fine-tune: start from this bundle's weights (fresh optimiser)
 
     def __post_init__(self) -> None:

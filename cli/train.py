@@ -101,7 +101,7 @@ from .common import device_option, precision_option, user_errors
     "--compile",
     "compile_model",
     is_flag=True,
-    help="torch.compile the model (slower to start; measured no faster on a 2-core CPU).",
+    help="torch.compile the model (minutes to compile on a CPU; no gain shown there).",
 )
 @device_option
 @precision_option
