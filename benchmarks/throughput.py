@@ -18,7 +18,9 @@ see ``synthetic_slide.py``) this script measures:
 and prints, last, the ratio ``end-to-end / min(reader-only, model-only)`` (issue 5 asks for at
 least 0.85) and the memory figures. ``--scale-test`` repeats the end-to-end run on a slide of 4×
 the area and prints the growth of peak memory (issue 5 asks for less than 20%); ``--train``
-adds the training throughput (images/s of training steps, batch 8, 224², CIM on).
+adds the training throughput of the real ``cellseg.training.Trainer`` (images/s of its
+``train_epoch``: loader, augmentation and steps, batch 8, 224², CIM on) in fp32 and in the
+precision ``--precision auto`` picks on this machine, with their ratio (issue 9).
 
 Run from the repository root: ``python benchmarks/throughput.py`` (see ``benchmarks/README.md``).
 
@@ -38,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,16 +140,23 @@ class ScaleResult:
 
 @dataclass
 class TrainResult:
-    """Training steps (forward, CIM sample weights, loss, backward, AdamW) on one device."""
+    """``Trainer.train_epoch`` (loader and augmentation, forward, CIM weights, loss, backward,
+    AdamW) in one precision and worker setting."""
 
     device: str
+    precision: str
+    channels_last: bool
+    workers: int
+    compile: bool
+    model_size: str
     batch_size: int
     tile_px: int
     cim: bool
     steps: int
     seconds: float
     images_per_second: float
-    wsi_epoch_seconds: float  # an epoch of the wsi preset (192 crops), data loading excluded
+    wsi_epoch_seconds: float  # an epoch of the wsi preset (192 crops), validation excluded
+    chosen: bool = False  # the precision ``--precision auto`` picks on this machine
 
 
 @dataclass
@@ -177,7 +186,7 @@ class BenchmarkResult:
     end_to_end: EndToEndResult | None = None
     ratio: float | None = None
     scale: ScaleResult | None = None
-    train: TrainResult | None = None
+    train: list[TrainResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -315,69 +324,36 @@ def existing_slide(path: Path, backend: str) -> SlideInfo:
 # ------------------------------------------------------------------------ reader and model alone
 
 
-@dataclass(frozen=True)
-class BlockRead:
-    """One read of the pipeline: a block's tissue tiles and the canvas box covering them.
+def block_reads(plan: Any) -> list[Any]:
+    """The pipeline's reads for a fresh run (``cellseg.pipeline.block_jobs``), in raster order,
+    without the blocks that hold no tissue tile (the pipeline reads nothing for them)."""
+    from cellseg.pipeline import block_jobs
 
-    Attributes:
-        block: ``(by, bx)`` block index.
-        tiles: ``(ty, tx)`` tile indices, in the order the pipeline batches them.
-        origin_yx: canvas position of the read image's top-left pixel.
-        request: what the reader workers read (level-0 origin, size at the model's mpp).
-    """
-
-    block: tuple[int, int]
-    tiles: tuple[tuple[int, int], ...]
-    origin_yx: tuple[int, int]
-    request: Any  # cellseg.readahead.ReadRequest
+    return [job for job in block_jobs(plan) if job.tiles]
 
 
-def block_reads(plan: Any) -> list[BlockRead]:
-    """The pipeline's reads for a fresh run, in raster order (blocks without tissue are skipped).
+class _BatchRecorder:
+    """Stands in for the model inside the pipeline's batcher: counts (and keeps the first few)
+    batches and returns uninitialised probabilities, so only reading, cutting and stacking run."""
 
-    Mirrors ``cellseg.pipeline._block_jobs`` and ``_read_request`` with the public geometry of
-    :class:`cellseg.tiling.TileLayout` and :class:`cellseg.tiling.Canvas`.
-    """
-    from cellseg.readahead import ReadRequest
+    def __init__(self, num_classes: int, keep: int) -> None:
+        self.num_classes = num_classes
+        self.keep = keep
+        self.kept: list[np.ndarray] = []
+        self.tiles = 0
 
-    layout = plan.layout
-    reads = []
-    for block in layout.blocks():
-        ty0, ty1, tx0, tx1 = layout.block_tiles(*block)
-        ys, xs = np.nonzero(plan.tile_mask[ty0:ty1, tx0:tx1])
-        if len(ys) == 0:
-            continue
-        tiles = tuple((ty0 + int(y), tx0 + int(x)) for y, x in zip(ys, xs, strict=True))
-        y0, y1, x0, x1 = layout.tiles_box(
-            ty0 + int(ys.min()),
-            ty0 + int(ys.max()) + 1,
-            tx0 + int(xs.min()),
-            tx0 + int(xs.max()) + 1,
-        )
-        request = ReadRequest(plan.canvas.level0_xy(x0, y0), (x1 - x0, y1 - y0), plan.model_mpp)
-        reads.append(BlockRead(block, tiles, (y0, x0), request))
-    return reads
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        self.tiles += len(tiles)
+        if len(self.kept) < self.keep:
+            self.kept.append(tiles)
+        return np.empty((len(tiles), self.num_classes, *tiles.shape[1:3]), np.float32)
 
 
-def cut_tiles(
-    image: np.ndarray, read: BlockRead, tile_px: int, stride_px: int
-) -> Iterator[np.ndarray]:
-    """The ``tile_px²×3`` views of a block image, as the pipeline's batcher cuts them."""
-    for ty, tx in read.tiles:
-        y, x = ty * stride_px - read.origin_yx[0], tx * stride_px - read.origin_yx[1]
-        yield image[y : y + tile_px, x : x + tile_px]
+class _DiscardPost:
+    """The post-processing thread's inbox, discarding (the reader stage times no stitching)."""
 
-
-def batched(tiles: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-    """``N×H×W×3`` stacks of ``batch_size`` tiles (the last may be smaller); batches span blocks."""
-    pending: list[np.ndarray] = []
-    for tile in tiles:
-        pending.append(tile)
-        if len(pending) == batch_size:
-            yield np.stack(pending)
-            pending = []
-    if pending:
-        yield np.stack(pending)
+    def put(self, message: tuple | None) -> None:
+        pass
 
 
 def time_reader(
@@ -385,36 +361,33 @@ def time_reader(
 ) -> tuple[StageResult, list[np.ndarray]]:
     """Reads every block as the pipeline does, cuts and batches its tiles; nothing else runs.
 
-    The worker processes are started (and open the slide) before the clock starts, with tiny
-    warm-up reads: that start-up is paid once per slide, not per tile. (Warming up with a
-    whole block would leave it in OpenSlide's tile cache and flatter the timed reads.)
+    The reads are ``cellseg.pipeline.block_jobs`` through the pipeline's read-ahead
+    (``RegionReader``), and the tiles are cut and stacked by the pipeline's own batcher
+    (``cellseg.pipeline._Batcher``) with the model replaced by a recorder. The worker processes
+    are started (and open the slide) before the clock starts, with tiny warm-up reads: that
+    start-up is paid once per slide, not per tile. (Warming up with a whole block would leave
+    it in OpenSlide's tile cache and flatter the timed reads.)
 
     Returns:
         The timing, and the first ``keep_batches`` batches, for :func:`time_model`.
     """
+    from cellseg.pipeline import PipelineStats, _Batcher
     from cellseg.readahead import ReadRequest, RegionReader
 
     reads = block_reads(plan)
-    layout = plan.layout
+    recorder = _BatchRecorder(plan.num_classes, keep_batches)
+    batcher = _Batcher(recorder, plan.layout, batch_size, _DiscardPost(), PipelineStats())
     with RegionReader(source, workers) as reader:
         tiny = ReadRequest(reads[0].request.origin_xy, (16, 16), plan.model_mpp)
         for _ in reader.read_ahead([(None, tiny)] * (2 * max(workers, 1))):
             pass
         start = time.perf_counter()
         images = reader.read_ahead((read.block, read.request) for read in reads)
-        tiles = (
-            tile
-            for read, (_, image) in zip(reads, images, strict=True)
-            for tile in cut_tiles(image, read, layout.tile_px, layout.stride_px)
-        )
-        kept: list[np.ndarray] = []
-        count = 0
-        for batch in batched(tiles, batch_size):
-            count += len(batch)
-            if len(kept) < keep_batches:
-                kept.append(batch)
+        for read, (_, image) in zip(reads, images, strict=True):
+            batcher.add_block(read.block, read.tiles, image, read.origin_yx)
+        batcher.flush()
         seconds = time.perf_counter() - start
-    return stage_result(count, seconds), kept
+    return stage_result(recorder.tiles, seconds), recorder.kept
 
 
 def time_model(predictor: Any, batches: Sequence[np.ndarray]) -> StageResult:
@@ -594,89 +567,123 @@ def scale_result(base: EndToEndResult, quadruple: EndToEndResult) -> ScaleResult
 # ------------------------------------------------------------------------------------- training
 
 
-def training_batch(batch_size: int, tile_px: int, seed: int = 0) -> tuple[Any, Any]:
-    """Synthetic training batch: ``B×3×H×W`` float images in [0, 1] and ``B×H×W`` int64 class
-    maps (``cellseg.data.class_targets`` of random discs), like one from the training loader."""
-    import torch
+def write_training_tiles(root: Path, n_tiles: int = 4, size_px: int = 480, seed: int = 0) -> Path:
+    """A MoNuSeg-layout folder (``train/images``, ``train/instance_masks``, ``val_ids.txt``) of
+    synthetic H&E-like tiles with random discs at 0.25 µm/px, for ``--train`` without data."""
+    import tifffile
+    from PIL import Image
     from skimage.draw import disk
 
-    from cellseg.data import class_targets
-
     rng = np.random.default_rng(seed)
-    images = np.empty((batch_size, tile_px, tile_px, 3), np.float32)
-    targets = np.empty((batch_size, tile_px, tile_px), np.int64)
-    for i in range(batch_size):
-        labels = np.zeros((tile_px, tile_px), np.int32)
-        for label in range(1, 31):
-            centre = rng.uniform(0, tile_px, 2)
-            labels[disk(tuple(centre), rng.uniform(5, 9), shape=labels.shape)] = label
-        images[i] = np.where(labels[..., None] > 0, (88, 52, 138), (226, 156, 196))
-        targets[i] = class_targets(labels)
-    images = (images + rng.normal(0, 6, images.shape)).clip(0, 255) / 255
-    x = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
-    return x, torch.from_numpy(targets)
+    for sub in ("images", "instance_masks"):
+        (root / "train" / sub).mkdir(parents=True, exist_ok=True)
+    ids = [f"SYNTHETIC-{i:02d}" for i in range(n_tiles)]
+    for image_id in ids:
+        labels = np.zeros((size_px, size_px), np.int32)
+        for label in range(1, size_px * size_px // 2500):
+            centre = tuple(rng.uniform(0, size_px, 2))
+            labels[disk(centre, rng.uniform(10, 18), shape=labels.shape)] = label
+        image = np.where(labels[..., None] > 0, (88, 52, 138), (226, 156, 196)).astype(float)
+        image = (image + rng.normal(0, 6, image.shape)).clip(0, 255).astype(np.uint8)
+        tifffile.imwrite(root / "train" / "images" / f"{image_id}.tif", image)
+        Image.fromarray(labels.astype(np.uint16)).save(
+            root / "train" / "instance_masks" / f"{image_id}.png"
+        )
+    (root / "val_ids.txt").write_text(ids[0] + "\n")
+    return root
 
 
 def time_training(
-    config: Any,
-    device: Any,
+    data: Path,
+    out: Path,
+    device: str,
+    precision: str,
     batch_size: int = 8,
     steps: int = 4,
-    use_cim: bool = True,
-    tile_px: int = 224,
+    workers: int = 0,
+    model_size: str = "default",
+    compile_model: bool = False,
 ) -> TrainResult:
-    """Images/s of training steps as ``cellseg.training.Trainer.train_epoch`` runs them.
-
-    Each step: forward with the bottleneck, CIM sample weights from its pooled features (20
-    inner SGD steps), the paper's loss, backward, AdamW; bf16/fp16 autocast on CUDA as in the
-    trainer. One warm-up step is not timed. Data loading and augmentation are excluded.
+    """Images/s of ``cellseg.training.Trainer.train_epoch`` (the code ``cellseg train`` runs):
+    loader with augmentation (``workers`` processes), forward, CIM weights, loss, backward,
+    AdamW, in ``precision``. The wsi preset's epoch is shortened to about ``steps`` batches (one
+    crop per tile per pass); one warm-up epoch (worker start-up, kernel selection, compile) is
+    not timed. Validation is not part of it.
     """
-    import torch
+    import math
 
-    from cellseg.causal import CIMConfig, SampleWeighting
-    from cellseg.losses import segmentation_loss
-    from cellseg.model import build_model
+    from cellseg.training import Trainer, TrainOptions
 
-    torch.manual_seed(0)
-    model = build_model(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
-    cim = SampleWeighting(config.widths[-1], CIMConfig(memory_size=batch_size)).to(device)
-    x, y = (t.to(device) for t in training_batch(batch_size, tile_px))
-    amp_dtype = None
-    if device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-
-    def step(iteration: int) -> None:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, f5 = model(x, return_bottleneck=True)
-        weights = None
-        if use_cim:
-            weights = cim(f5.detach().float().mean(dim=(2, 3)), 0, iteration)
-        loss = segmentation_loss(logits, y, weights).total
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    step(0)
-    _synchronize(device)
-    start = time.perf_counter()
-    for iteration in range(1, steps + 1):
-        step(iteration)
-    _synchronize(device)
-    seconds = time.perf_counter() - start
-    images_per_second = batch_size * steps / seconds
-    return TrainResult(
-        device=str(device),
+    opts = TrainOptions(
+        data=str(data),
+        out=str(out),
+        preset="wsi",
+        model_size=model_size,
         batch_size=batch_size,
-        tile_px=tile_px,
-        cim=use_cim,
-        steps=steps,
+        crops_per_tile=batch_size,  # at least one batch whatever the tile count; set below
+        device=device,
+        precision=precision,
+        workers=workers,
+        compile=compile_model,
+    )
+    trainer = Trainer(opts, progress=False)
+    tiles = len(trainer.train_samples)
+    trainer.train_set.crops_per_tile = max(1, math.ceil(steps * batch_size / tiles))
+    timed_steps = len(trainer.loader)
+    trainer.train_epoch()  # warm-up
+    _synchronize(trainer.device)
+    trainer.epoch += 1
+    start = time.perf_counter()
+    trainer.train_epoch()
+    _synchronize(trainer.device)
+    seconds = time.perf_counter() - start
+    images_per_second = batch_size * timed_steps / seconds
+    return TrainResult(
+        device=str(trainer.device),
+        precision=trainer.precision,
+        channels_last=trainer.channels_last,
+        workers=workers,
+        compile=compile_model,
+        model_size=model_size,
+        batch_size=batch_size,
+        tile_px=224,
+        cim=opts.use_cim,
+        steps=timed_steps,
         seconds=seconds,
         images_per_second=images_per_second,
         wsi_epoch_seconds=WSI_EPOCH_IMAGES / images_per_second,
     )
+
+
+def benchmark_training(args: argparse.Namespace, work_dir: Path) -> list[TrainResult]:
+    """fp32 and the precision ``auto`` picks here (plus ``--train-precision``), for each
+    ``--train-workers`` value, all in this one run; the ratios to fp32 are printed last."""
+    from cellseg.inference import resolve_device
+    from cellseg.precision import resolve_precision
+
+    data = args.train_data
+    if data is None:
+        data = write_training_tiles(work_dir / "train-data")
+    chosen = resolve_precision("auto", resolve_device(args.device))
+    precisions = list(dict.fromkeys(["fp32", chosen, *args.train_precision]))
+    results = []
+    for workers in args.train_workers:
+        for precision in precisions:
+            result = time_training(
+                data,
+                work_dir / f"train-{precision}-{workers}",
+                args.device,
+                precision,
+                args.train_batch,
+                args.train_steps,
+                workers,
+                args.train_model_size,
+                args.compile,
+            )
+            result.chosen = precision == chosen
+            say(train_line(result))
+            results.append(result)
+    return results
 
 
 def _synchronize(device: Any) -> None:
@@ -753,12 +760,27 @@ def end_to_end_line(e2e: EndToEndResult) -> str:
 
 
 def train_line(train: TrainResult) -> str:
+    layout = ", channels_last" if train.channels_last else ""
     return (
-        f"training      {train.images_per_second:.2f} images/s on {train.device} (batch "
-        f"{train.batch_size}, {train.tile_px}², CIM {'on' if train.cim else 'off'}, "
-        f"{train.steps} timed steps, data loading excluded) = {train.wsi_epoch_seconds:.0f} s "
-        f"per wsi-preset epoch of {WSI_EPOCH_IMAGES} crops"
+        f"training      {train.images_per_second:.2f} images/s on {train.device}, "
+        f"{train.precision}{layout}{' (auto)' if train.chosen else ''}, {train.workers} loader "
+        f"workers{', compiled' if train.compile else ''} (Trainer.train_epoch, {train.model_size} "
+        f"model, batch {train.batch_size}, {train.tile_px}², CIM {'on' if train.cim else 'off'}, "
+        f"{train.steps} timed steps) = {train.wsi_epoch_seconds:.0f} s per wsi-preset epoch of "
+        f"{WSI_EPOCH_IMAGES} crops"
     )
+
+
+def train_ratio_lines(results: Sequence[TrainResult]) -> list[str]:
+    """Each setting's images/s against fp32 with no loader workers, measured in this run."""
+    base = next((r for r in results if r.precision == "fp32" and r.workers == 0), results[0])
+    return [
+        f"training ratio {r.precision}, {r.workers} workers{' (auto)' if r.chosen else ''} / "
+        f"fp32, 0 workers = {r.images_per_second:.2f} / {base.images_per_second:.2f} = "
+        f"{r.images_per_second / base.images_per_second:.2f}x"
+        for r in results
+        if r is not base
+    ]
 
 
 def memory_lines(e2e: EndToEndResult) -> list[str]:
@@ -806,8 +828,9 @@ def ratio_line(result: BenchmarkResult) -> str:
 def final_lines(result: BenchmarkResult) -> list[str]:
     """What the run prints last: notes, training, the ratio, then the memory figures."""
     lines = [f"note: {note}" for note in result.notes]
-    if result.train is not None:
-        lines.append(train_line(result.train))
+    if result.train:
+        lines += [train_line(train) for train in result.train]
+        lines += train_ratio_lines(result.train)
     if result.ratio is not None:
         lines.append(ratio_line(result))
     if result.end_to_end is not None:
@@ -845,10 +868,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the model-only stage times the first N batches (steady state, bounded memory)",
     )
     parser.add_argument("--scale-test", action="store_true", help="also run at 4x the area")
-    parser.add_argument("--train", action="store_true", help="also time training steps")
-    parser.add_argument("--train-only", action="store_true", help="only time training steps")
+    parser.add_argument("--train", action="store_true", help="also time training (Trainer)")
+    parser.add_argument("--train-only", action="store_true", help="only time training")
     parser.add_argument("--train-steps", type=int, default=4, help="timed training steps")
     parser.add_argument("--train-batch", type=int, default=8, help="training batch size")
+    parser.add_argument(
+        "--train-data", type=Path, default=None, help="MoNuSeg folder; default: synthetic tiles"
+    )
+    parser.add_argument(
+        "--train-model-size", default="default", choices=("default", "paper", "tiny")
+    )
+    parser.add_argument(
+        "--train-precision",
+        action="append",
+        default=[],
+        choices=("fp32", "bf16"),
+        help="also time this precision (fp32 and what auto picks are always timed)",
+    )
+    parser.add_argument(
+        "--train-workers",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[0],
+        help="DataLoader worker counts to time, comma-separated (e.g. 0,1)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep slides/outputs here")
     args = parser.parse_args(argv)
@@ -961,8 +1003,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> BenchmarkResult:
         if args.scale_test:
             benchmark_scale(result, model_path, work_dir)
     if args.train or args.train_only:
-        result.train = time_training(bundle.config, device, args.train_batch, args.train_steps)
-        say(train_line(result.train))
+        result.train = benchmark_training(args, work_dir)
     return result
 
 

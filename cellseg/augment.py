@@ -1,13 +1,15 @@
-"""Training augmentations for (image, class-target) pairs, on CPU with plain torch ops (SPEC §8.3).
+"""Training augmentations for (image, label map) pairs, on CPU with plain torch ops (SPEC §8.3).
 
 Geometry (random crop box, scale, flips, rot90, small rotation) is composed into ONE affine map
-per sample and applied with a single ``grid_sample`` call to the image (bilinear) and the target
-(nearest), so the two stay aligned and the image is interpolated only once. Photometric changes
+per sample and applied with a single ``grid_sample`` call to the image (bilinear) and the label
+map (nearest), so the two stay aligned and the image is interpolated only once. The label map is
+the INSTANCE map: the datasets derive the class targets (interior / boundary ring) after the warp,
+because a warped 1 px ring breaks under rotation and zoom (cellseg/data.py). Photometric changes
 (Gaussian blur, colour jitter) touch the image only. All randomness comes from a
 ``numpy.random.Generator`` passed in, so a seed reproduces a run exactly.
 
-Images are ``3×H×W float32`` in [0, 1] (torch, channel-first, RGB); targets are ``H×W`` class maps
-(0 background, 1 nucleus interior, 2 nucleus boundary). Pixel coordinates are pixel centres:
+Images are ``3×H×W float32`` in [0, 1] (torch, channel-first, RGB); label maps are ``H×W`` integer
+maps (instance ids, exact in float32 below 2**24). Pixel coordinates are pixel centres:
 pixel ``(x, y)`` covers ``[x - 0.5, x + 0.5] × [y - 0.5, y + 0.5]``.
 """
 

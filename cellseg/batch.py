@@ -74,6 +74,8 @@ class SlideJob:
         model_sha256: the client's model file hash; a worker whose copy differs refuses to run.
         torch_threads: CPU threads for torch in the process that runs the slide; None: as it
             is (in a Dask worker: the host's cores split between its workers).
+        precision: ``auto``, ``fp32`` or ``bf16`` (``auto`` is resolved where the slide runs:
+            a worker's own hardware decides).
     """
 
     outputs: SlideOutputs = field(default_factory=SlideOutputs)
@@ -87,6 +89,7 @@ class SlideJob:
     overlays: bool = False
     model_sha256: str | None = None
     torch_threads: int | None = None
+    precision: str = "auto"
 
     def outputs_for(self, slide_path: str | Path) -> SlideOutputs:
         """The slide's outputs: ``outputs`` where given, else ``out_dir/<stem>.*``."""
@@ -113,7 +116,11 @@ class SlideJob:
 
 
 def cached_predictor(
-    model_path: Path | None, device: str = "auto", tta: bool = False, sha256: str | None = None
+    model_path: Path | None,
+    device: str = "auto",
+    tta: bool = False,
+    sha256: str | None = None,
+    precision: str = "auto",
 ) -> Any:
     """The ``cellseg.inference.Predictor`` of a checkpoint, loaded once per process.
 
@@ -129,12 +136,13 @@ def cached_predictor(
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, device, tta)
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, device, tta, precision)
     if key not in _PREDICTORS:
         if sha256 is not None and file_sha256(path) != sha256:
             raise ModelError(f"{path}: this worker's copy differs from the client's (SHA-256)")
         _PREDICTORS.clear()  # one model per process at a time
-        _PREDICTORS[key] = Predictor(load_bundle(path), device=device, tta=tta)
+        bundle = load_bundle(path)
+        _PREDICTORS[key] = Predictor(bundle, device=device, precision=precision, tta=tta)
     return _PREDICTORS[key]
 
 
@@ -188,7 +196,7 @@ def _process_options(options: PredictOptions) -> PredictOptions:
 
 def _model(job: SlideJob) -> Any:
     device = prepare_worker(job.device, job.torch_threads)
-    return cached_predictor(job.model_path, device, job.tta, job.model_sha256)
+    return cached_predictor(job.model_path, device, job.tta, job.model_sha256, job.precision)
 
 
 def run_slide(slide_path: str | Path, job: SlideJob, predictor: Any = None) -> dict[str, Any]:

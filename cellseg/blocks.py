@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import fp32_region
+
 
 class ConvBNAct(nn.Sequential):
     """k×k convolution, BatchNorm and an activation (ReLU unless given)."""
@@ -48,11 +50,32 @@ class SimAM(nn.Module):
         self.e_lambda = e_lambda
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[2] * x.shape[3] - 1
-        d = (x - x.mean(dim=(2, 3), keepdim=True)).pow(2)
-        v = d.sum(dim=(2, 3), keepdim=True) / max(n, 1)
-        inv_energy = d / (4 * (v + self.e_lambda)) + 0.5
-        return x * torch.sigmoid(inv_energy)
+        # fp32 island (docs/NOTES.md): in bf16 (8-bit mantissa) the mean-subtracted squares lose
+        # most digits, the spatial sum of 49-12544 terms drifts, and ``v + 1e-4`` equals ``v``
+        # for any v > 0.05, so the energy of near-constant channels -- where lambda is what keeps
+        # 1/e_t finite -- is wrong. The cost is one elementwise pass over the stage's output.
+        with fp32_region(x):
+            xf = x.float()
+            n = xf.shape[2] * xf.shape[3] - 1
+            d = (xf - xf.mean(dim=(2, 3), keepdim=True)).pow(2)
+            v = d.sum(dim=(2, 3), keepdim=True) / max(n, 1)
+            inv_energy = d / (4 * (v + self.e_lambda)) + 0.5
+            return (xf * torch.sigmoid(inv_energy)).to(x.dtype)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 under autocast, returned in the input's dtype.
+
+    fp32 island (docs/NOTES.md): the token mean and variance over ``dim`` features are a
+    difference of nearly equal sums, and bf16 inputs give the statistics only 3 digits.
+    (BatchNorm needs no such wrapper: its CPU and cuDNN kernels keep fp32 statistics and
+    parameters for bf16 inputs.) Eval-mode fp32 inference keeps PyTorch's fused encoder path,
+    which reads ``weight``/``bias`` directly.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with fp32_region(x):
+            return super().forward(x.float()).to(x.dtype)
 
 
 class SqueezeExcite(nn.Module):
@@ -125,7 +148,10 @@ class TransformerBranch(nn.Module):
             norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
+        for encoder_layer in self.encoder.layers:  # same parameters, so state dicts are unchanged
+            encoder_layer.norm1 = FP32LayerNorm(dim)
+            encoder_layer.norm2 = FP32LayerNorm(dim)
+        self.norm = FP32LayerNorm(dim)
         self.project = ConvBNAct(dim, channels, 1, act=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

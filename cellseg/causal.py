@@ -48,6 +48,7 @@ def random_fourier_features(
     drawn fresh on each call. As in StableNet's code, ``ωx + φ`` is min-max normalised over the
     feature axis for each sample and scaled to [0, π/2] before cos and sin.
     """
+    check_generator_device(generator, x.device)
     _n, r = x.shape
     omega = torch.randn(num_f, generator=generator, device=x.device, dtype=x.dtype) / sigma
     phase = torch.rand(r, num_f, generator=generator, device=x.device, dtype=x.dtype) * 2 * math.pi
@@ -55,6 +56,19 @@ def random_fourier_features(
     mid = mid - mid.amin(dim=1, keepdim=True)
     mid = mid / mid.amax(dim=1, keepdim=True).clamp_min(1e-12) * (math.pi / 2)
     return math.sqrt(2.0 / num_f) * torch.cat([torch.cos(mid), torch.sin(mid)], dim=-1)
+
+
+def check_generator_device(generator: torch.Generator | None, device: torch.device) -> None:
+    """Raises ``ValueError`` unless ``generator`` draws on ``device`` (or is ``None``).
+
+    PyTorch rejects a CPU generator for a CUDA draw only at run time on a GPU machine; checking
+    here makes the mistake visible in CPU tests too (tests/test_training.py).
+    """
+    if generator is None:
+        return
+    gen = generator.device
+    if gen.type != device.type or (gen.index is not None and device.index not in (None, gen.index)):
+        raise ValueError(f"generator on {gen} cannot draw the CIM's features on {device}")
 
 
 def weighted_cross_covariance_loss(rff: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -96,8 +110,16 @@ class SampleWeighting(nn.Module):
         self, z: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Inner SGD loop on the raw weights of the current batch; returns them (``B``, raw)."""
+        # fp32 island (docs/NOTES.md): the weights come from squared covariances of cos/sin
+        # features in [-1, 1] (differences of near-equal sums) and a softmax; even if a caller
+        # runs the CIM inside bf16 autocast, it computes in fp32.
+        with torch.autocast(z.device.type, enabled=False):
+            return self._learn_weights_fp32(z.detach().float(), generator)
+
+    def _learn_weights_fp32(
+        self, z: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
         cfg = self.cfg
-        z = z.detach().float()
         raw = torch.ones(z.shape[0], device=z.device, requires_grad=True)
         all_features = torch.cat([z, self.memory_features.to(z.device)], dim=0)
         memory_raw = self.memory_weights.to(z.device)

@@ -363,8 +363,31 @@ def paper_targets(labels: np.ndarray, size: int = 224) -> np.ndarray:
     of neighbouring nuclei. The nearest map lies inside the paper mask (its sample is one of
     the bilinear taps, with weight ≥ 0.5), so binary metrics see exactly :func:`paper_mask`.
     """
-    foreground = paper_mask(labels, size)
-    nearest = resize_labels_nearest(labels, (size, size))
+    return paper_targets_from(paper_label_map(labels, size))
+
+
+PAPER_RIM = -1
+"""Label of the paper mask's rim in :func:`paper_label_map`: foreground outside every nucleus."""
+
+
+def paper_label_map(labels: np.ndarray, size: int = 224) -> np.ndarray:
+    """``size×size int32``: the nearest-resized instance map, plus :data:`PAPER_RIM` on the
+    pixels that only the bilinear :func:`paper_mask` counts as foreground.
+
+    This one map carries both parts of :func:`paper_targets`, so a geometric augmentation can
+    warp it (nearest) and derive the targets afterwards with :func:`paper_targets_from`: the
+    foreground keeps its SPEC §8.2 meaning and the boundary rings stay closed.
+    """
+    nearest = resize_labels_nearest(labels, (size, size)).astype(np.int32)
+    combined = nearest.copy()
+    combined[paper_mask(labels, size) & (nearest == 0)] = PAPER_RIM
+    return combined
+
+
+def paper_targets_from(label_map: np.ndarray) -> np.ndarray:
+    """Class targets (``H×W uint8``) of a :func:`paper_label_map` (possibly warped)."""
+    foreground = label_map != 0
+    nearest = np.where(label_map == PAPER_RIM, 0, label_map)
     boundary = find_boundaries(nearest, connectivity=1, mode="inner") | (nearest == 0)
     targets = foreground.astype(np.uint8)
     targets[boundary & foreground] = 2
@@ -429,17 +452,57 @@ def item_rng(seed: int | None, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+class EpochSelector:
+    """The epoch whose random stream the dataset draws from, shared with DataLoader workers.
+
+    A one-element shared-memory tensor, so ``set_epoch`` in the main process reaches
+    *persistent* worker processes too (they keep their own copy of the dataset object).
+    """
+
+    def __init__(self) -> None:
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random stream (only used with a fixed ``seed``)."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+
+def _warped_targets(
+    image: torch.Tensor,
+    label_map: torch.Tensor,
+    box,
+    out_px: int,
+    rng: np.random.Generator,
+    params: AugmentParams,
+    targets_from,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment (image, label map) together, then derive the class targets from the WARPED map.
+
+    Warping a class target with nearest sampling breaks the 1 px boundary rings under rotation
+    and zoom (interior pixels end up touching background); warping the instance labels and
+    computing the rings afterwards keeps them closed (issue 9 item 5).
+    """
+    image_out, labels_out = augment_pair(image, label_map, box, out_px, rng, params)
+    targets = targets_from(labels_out.numpy())
+    return image_out, torch.from_numpy(targets).long()
+
+
 def _chw_uint8(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-class PaperDataset(Dataset):
+class PaperDataset(EpochSelector, Dataset):
     """Paper preset (SPEC §8.2-8.3): each whole tile resized to ``size×size``, as UCTransNet.
 
     Images are resized like ``cv2.resize`` (bilinear, no antialiasing), targets are
     :func:`paper_targets`; both are computed once here. With ``augment``, each item is a
     RandomResizedCrop of the resized tile (area 0.6-1.0, aspect ratio 0.9-1.1) warped back to
-    ``size`` together with flips/rotations, then blurred and colour-jittered
+    ``size`` together with flips/rotations, then blurred and colour-jittered; the warp moves the
+    :func:`paper_label_map` (nearest) and the targets are derived from it afterwards
     (:class:`~cellseg.augment.AugmentParams`). Items are ``(3×size×size float32 in [0, 1],
     size×size int64)``, not normalised (the model normalises).
     """
@@ -452,20 +515,17 @@ class PaperDataset(Dataset):
         params: AugmentParams | None = None,
         seed: int | None = None,
     ) -> None:
+        super().__init__()
         self.augment = augment
         self.size = size
         self.params = params or AugmentParams()
         self.seed = seed
-        self.epoch = 0
         self.image_ids = [sample.image_id for sample in samples]
         self.images = [
             _chw_uint8(resize_image(s.image, (size, size), antialias=False)) for s in samples
         ]
-        self.targets = [torch.from_numpy(paper_targets(s.labels, size)) for s in samples]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's random stream (only used with a fixed ``seed``)."""
-        self.epoch = epoch
+        self.label_maps = [torch.from_numpy(paper_label_map(s.labels, size)) for s in samples]
+        self.targets = [torch.from_numpy(paper_targets_from(m.numpy())) for m in self.label_maps]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -477,10 +537,13 @@ class PaperDataset(Dataset):
             return image, target.long()
         rng = item_rng(self.seed, self.epoch, index)
         box = random_resized_box(self.size, self.size, rng, scale=(0.6, 1.0), ratio=(0.9, 1.1))
-        return augment_pair(image, target, box, self.size, rng, self.params)
+        label_map = self.label_maps[index]
+        return _warped_targets(
+            image, label_map, box, self.size, rng, self.params, paper_targets_from
+        )
 
 
-class WsiDataset(Dataset):
+class WsiDataset(EpochSelector, Dataset):
     """WSI preset: random ``crop_px`` crops at a physical resolution (default 0.5 µm/px).
 
     Each tile is resized once to ``mpp`` (0.25 → 0.5 µm/px halves 1000 px to 500 px) and its
@@ -488,7 +551,9 @@ class WsiDataset(Dataset):
     ``crops_per_epoch_per_tile`` crops from every tile (item ``i`` comes from tile
     ``i // crops_per_epoch_per_tile``). With ``augment``, the crop box side is ``crop_px``
     times a zoom uniform in 0.85-1.15 (±15% around the physical mpp), warped with
-    flips/rotations and then blurred and colour-jittered; without, it is a plain crop at a
+    flips/rotations and then blurred and colour-jittered; the instance labels are warped with the
+    image (nearest) and :func:`class_targets` computed after the warp. Without, it is a plain
+    crop of the tile's targets at a
     random whole-pixel position. Items are ``(3×crop_px×crop_px float32 in [0, 1],
     crop_px×crop_px int64)``.
     """
@@ -503,16 +568,17 @@ class WsiDataset(Dataset):
         params: AugmentParams | None = None,
         seed: int | None = None,
     ) -> None:
+        super().__init__()
         self.mpp = mpp
         self.crop_px = crop_px
         self.crops_per_tile = crops_per_epoch_per_tile
         self.augment = augment
         self.params = params or AugmentParams()
         self.seed = seed
-        self.epoch = 0
         self.image_ids = [sample.image_id for sample in samples]
         self.images: list[torch.Tensor] = []
-        self.targets: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []  # instance labels at mpp (warped by augmentation)
+        self.targets: list[torch.Tensor] = []  # their class targets (plain crops)
         for sample in samples:
             resized = resize_sample(sample, mpp)
             if min(resized.labels.shape) < crop_px:
@@ -522,11 +588,8 @@ class WsiDataset(Dataset):
                     f"{crop_px} px crop"
                 )
             self.images.append(_chw_uint8(resized.image))
+            self.labels.append(torch.from_numpy(resized.labels.astype(np.int32)))
             self.targets.append(torch.from_numpy(class_targets(resized.labels)))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's random stream (only used with a fixed ``seed``)."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.images) * self.crops_per_tile
@@ -540,7 +603,10 @@ class WsiDataset(Dataset):
         rng = item_rng(self.seed, self.epoch, index)
         if self.augment:
             box = random_zoom_box(height, width, self.crop_px, rng, zoom=(0.85, 1.15))
-            return augment_pair(image.float() / 255.0, target, box, self.crop_px, rng, self.params)
+            labels = self.labels[tile]
+            return _warped_targets(
+                image.float() / 255.0, labels, box, self.crop_px, rng, self.params, class_targets
+            )
         top = int(rng.integers(height - self.crop_px + 1))
         left = int(rng.integers(width - self.crop_px + 1))
         window = (slice(top, top + self.crop_px), slice(left, left + self.crop_px))

@@ -81,16 +81,19 @@ def evaluate(
     post: PostProcess | None = None,
     progress: bool = True,
     tta: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """Runs one protocol over ``samples``; returns per-image rows and their mean ± std.
 
     ``tta``: average the 8 rotations/reflections of each tile (:class:`Predictor`).
+    ``precision``: ``auto``/``fp32``/``bf16`` (:mod:`cellseg.precision`); the resolved one is in
+    the result.
     """
     from tqdm import tqdm
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
-    predictor = Predictor(bundle, device=device, tta=tta)
+    predictor = Predictor(bundle, device=device, precision=precision, tta=tta)
     post = post or postprocess_of(bundle)
     rows = []
     for s in tqdm(samples, desc=f"evaluate ({protocol})", disable=not progress, leave=False):
@@ -103,6 +106,7 @@ def evaluate(
         "model": bundle.name,
         "model_mpp": predictor.mpp,
         "tta": tta,
+        "precision": predictor.precision,
         "images": len(rows),
         "per_image": rows,
         "summary": summarize(rows),

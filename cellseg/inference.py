@@ -1,4 +1,4 @@
-"""Running a trained model on image tiles: device choice, mixed precision and blending.
+"""Running a trained model on image tiles: device choice, precision and blending.
 
 ``Predictor`` turns ``N×H×W×3 uint8`` tiles into softmax probabilities; ``predict_array`` slides it
 over an in-memory image with overlapping tiles blended by taper weights (no seams). The whole-slide
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelBundle
+from .precision import autocast, resolve_precision, use_channels_last
 from .tiling import blend_weights, tile_origins
 
 __all__ = ["Predictor", "blend_weights", "predict_array", "resolve_device", "tile_origins"]
@@ -35,8 +36,11 @@ def resolve_device(device: str = "auto") -> torch.device:
 class Predictor:
     """Callable ``tiles (N×H×W×3 uint8) -> probabilities (N×C×H×W float32)``.
 
-    On CUDA it runs under bf16/fp16 autocast with channels_last memory format and pinned host
-    memory; on the CPU it runs in float32 (CPU autocast is slower for these convolutions).
+    ``precision`` is ``auto``, ``fp32`` or ``bf16`` (:mod:`cellseg.precision`): ``auto`` runs bf16
+    autocast where the device has native bf16 (CUDA with bf16, CPUs with AMX/AVX512-BF16) and fp32
+    elsewhere; the resolved choice is in ``self.precision`` (recorded in every output). The model
+    uses channels_last where that is faster (:func:`~cellseg.precision.use_channels_last`); on
+    CUDA the tiles go through pinned host memory.
 
     ``tta=True`` averages the softmax over the 8 rotations and reflections of each tile (the
     dihedral group D4: nuclei have no preferred orientation), at 8x the network cost. The average
@@ -48,29 +52,26 @@ class Predictor:
         self,
         bundle: ModelBundle,
         device: str = "auto",
-        amp: bool = True,
+        precision: str = "auto",
         compile: bool = False,
         tta: bool = False,
     ) -> None:
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.tta = tta
         self.bundle = bundle
         self.model = bundle.model.to(self.device).eval()
         self.mpp = float(bundle.meta.get("mpp", 0.5))
         self.tile_px = int(bundle.meta.get("tile_px", bundle.config.tile_px))
         self.num_classes = bundle.config.num_classes
-        self.amp = amp and self.device.type == "cuda"
-        if self.device.type == "cuda":
+        self.channels_last = use_channels_last(self.precision, self.device)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-            bf16 = torch.cuda.is_bf16_supported()
-            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
         if compile:
             self.model = torch.compile(self.model)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp:
-            return torch.autocast("cuda", dtype=self.amp_dtype)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.device)
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
@@ -78,7 +79,7 @@ class Predictor:
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255)
-        if self.device.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.tta:
             return self._softmax(x).cpu().numpy()

@@ -62,12 +62,24 @@ def segmentation_loss(
     ``sample_weights`` (``B``, summing to 1) come from the CIM; ``None`` means uniform weights, i.e.
     the "without CIM" ablation where ``L_CIM`` is the plain cross-entropy (SPEC §4, point 6).
     """
+    # fp32 island (docs/NOTES.md): log-softmax, the focal term (1 - p)^γ and the batch sums of
+    # Dice are computed on fp32 logits with autocast off, whatever the network's precision.
+    with torch.autocast(logits.device.type, enabled=False):
+        return _segmentation_loss_fp32(logits.float(), target, sample_weights, dice_weight)
+
+
+def _segmentation_loss_fp32(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    sample_weights: torch.Tensor | None,
+    dice_weight: float,
+) -> LossTerms:
     if logits.shape[1] == 2:
         # A 2-class (paper) model: interior and boundary are both "nucleus" (class 1).
         target = target.clamp(max=1)
-    ce = per_image_cross_entropy(logits.float(), target)
+    ce = per_image_cross_entropy(logits, target)
     cim = ce.mean() if sample_weights is None else (sample_weights.to(ce.dtype) * ce).sum()
-    dice = soft_dice_loss(logits.float(), target)
-    focal = focal_loss(logits.float(), target)
+    dice = soft_dice_loss(logits, target)
+    focal = focal_loss(logits, target)
     total = cim + dice_weight * dice + (1 - dice_weight) * focal
     return LossTerms(total, cim, dice, focal)

@@ -23,6 +23,7 @@ from .blocks import (
     init_weights,
     token_grid,
 )
+from .precision import fp32_region
 
 ARCHS = ("causal", "unet", "attention_unet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,7 +134,11 @@ class _UNetDecoder(nn.Module):
                 g = nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear")
                 skip = self.gates[i](g, skip)
             x = self.ups[i](x, skip)
-        return self.head(x)
+        # fp32 island (docs/NOTES.md): the logits feed the softmax, the losses and every
+        # threshold of post-processing; a bf16 logit carries an error of up to 0.4 %, which near
+        # a decision boundary flips pixels. The 1×1 head is a tiny share of the FLOPs.
+        with fp32_region(x):
+            return self.head(x.float())
 
 
 class CausalCellSegmenter(nn.Module):

@@ -94,6 +94,7 @@ class SlidePlan:
     model_name: str
     model_sha256: str | None
     tta: bool = False  # the predictor averages the 8 D4 views of each tile
+    precision: str = "fp32"  # the predictor's resolved precision (cellseg.precision)
 
     @property
     def block_tile_counts(self) -> np.ndarray:
@@ -434,6 +435,20 @@ def block_jobs(plan: SlidePlan, active: np.ndarray | None = None) -> list[BlockJ
     return jobs
 
 
+def cut_tiles(
+    image: np.ndarray | None,
+    tiles: list[tuple[int, int]],
+    origin_yx: tuple[int, int],
+    tile_px: int,
+    stride_px: int,
+) -> Iterator[np.ndarray]:
+    """The ``tile_px×tile_px×3`` views of a block image (top-left at canvas ``origin_yx``) for
+    the global tile indices ``tiles``, in order. Benchmarks use it to cut the pipeline's tiles."""
+    for ty, tx in tiles:
+        y, x = ty * stride_px - origin_yx[0], tx * stride_px - origin_yx[1]
+        yield image[y : y + tile_px, x : x + tile_px]
+
+
 class _Batcher:
     """Collects tiles across blocks into batches, runs the model, forwards results in order.
 
@@ -468,10 +483,9 @@ class _Batcher:
     ) -> None:
         """Queues a block's tiles (cut from ``image``, whose top-left is canvas ``origin_yx``)."""
         self.remaining.append([block, len(tiles)])
-        t = self.tile_px
-        for ty, tx in tiles:
-            y, x = ty * self.stride_px - origin_yx[0], tx * self.stride_px - origin_yx[1]
-            self.tiles.append((block, (ty, tx), image[y : y + t, x : x + t]))
+        cut = cut_tiles(image, tiles, origin_yx, self.tile_px, self.stride_px)
+        for tile, pixels in zip(tiles, cut, strict=True):
+            self.tiles.append((block, tile, pixels))
             if len(self.tiles) == self.batch_size:
                 self.flush()
         self._send_done()

@@ -326,6 +326,7 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
         model_name=name,
         model_sha256=sha,
         tta=bool(getattr(predictor, "tta", False)),
+        precision=str(getattr(predictor, "precision", "fp32")),
     )
 
 
@@ -340,6 +341,8 @@ def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs
         "backend": plan.backend,
         "slide_mpp": plan.slide_mpp,
         "model": [plan.model_name, plan.model_sha256, plan.model_mpp, plan.num_classes, plan.tta],
+        # bf16 and fp32 probabilities differ slightly: a partial run is finished in its precision.
+        "precision": plan.precision,
         "canvas": asdict(plan.canvas),
         "layout": asdict(plan.layout),
         # Region geometry: a journal of an older version with other region cores must not resume.
@@ -368,7 +371,12 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
             "array pixel (y, x) covers level-0 [origin + x·scale, origin + (x+1)·scale) "
             "horizontally (likewise y); QuPath coordinates = level-0 - bounds_xy[:2]"
         ),
-        "model": {"name": plan.model_name, "sha256": plan.model_sha256, "tta": plan.tta},
+        "model": {
+            "name": plan.model_name,
+            "sha256": plan.model_sha256,
+            "tta": plan.tta,
+            "precision": plan.precision,
+        },
         "num_classes": plan.num_classes,
         "postprocess": plan.postprocess.to_dict(),
         "tiling": {
@@ -490,6 +498,7 @@ def _summary(
             "sha256": plan.model_sha256,
             "num_classes": plan.num_classes,
             "tta": plan.tta,
+            "precision": plan.precision,
             "device": str(getattr(predictor, "device", "unknown")),
             "postprocess": plan.postprocess.to_dict(),
         },

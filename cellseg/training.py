@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .causal import CIMConfig, SampleWeighting, weight_spread
+from .causal import CIMConfig, SampleWeighting
 from .checkpoint import file_sha256, load_bundle, save_bundle
 from .data import (
     UCTRANSNET_VAL_IDS,
@@ -42,6 +45,9 @@ from .instances import PostProcess
 from .losses import segmentation_loss
 from .metrics import dice
 from .model import ModelConfig, build_model, count_flops, count_parameters
+from .precision import autocast, resolve_precision, use_channels_last
+
+log = logging.getLogger(__name__)
 
 PRESETS = ("paper", "wsi")
 MODEL_SIZES = ("default", "paper", "tiny")
@@ -70,8 +76,11 @@ class TrainOptions:
     crops_per_tile: int = 8  # wsi preset: random crops per training tile per epoch
     val_overlap_px: int = 64
     device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 (cellseg.precision); resolved per machine
     seed: int = 0
     threads: int | None = None
+    workers: int = 0  # DataLoader worker processes (0: augment in the main process)
+    compile: bool = False  # torch.compile (minutes to compile on the CPU, no gain shown; off)
     init_from: str | None = None  # fine-tune: start from this bundle's weights (fresh optimiser)
 
     def __post_init__(self) -> None:
@@ -139,7 +148,15 @@ def cosine_lr(opts: TrainOptions, optimizer: torch.optim.Optimizer):
 
 
 class Trainer:
-    """Owns the model, optimiser, scheduler, CIM and data of one run."""
+    """Owns the model, optimiser, scheduler, CIM and data of one run.
+
+    Three random streams, each restored on resume: torch's global generator (weight init,
+    dropout), ``data_generator`` (CPU: the DataLoader's shuffling) and ``cim_generator`` (on the
+    training device: the CIM's random Fourier features). Keeping the CIM's draws off the data
+    generator makes the data order of a ``--no-cim`` run equal to a CIM run's (the ablation sees
+    the same batches); keeping them on the device lets CUDA draw them (a CPU generator cannot).
+    Augmentation draws depend only on (seed, epoch, item) (``data.item_rng``).
+    """
 
     def __init__(self, opts: TrainOptions, progress: bool = True) -> None:
         self.opts = opts
@@ -148,23 +165,27 @@ class Trainer:
         if opts.threads:
             torch.set_num_threads(opts.threads)
         self.device = resolve_device(opts.device)
+        self.precision = resolve_precision(opts.precision, self.device)
+        self.channels_last = use_channels_last(self.precision, self.device)
         torch.manual_seed(opts.seed)
-        self.generator = torch.Generator().manual_seed(opts.seed)
+        self.data_generator = torch.Generator().manual_seed(opts.seed)
+        self.cim_generator = torch.Generator(device=self.device).manual_seed(opts.seed + 1)
         self._load_data()
         self.model_config = opts.model_config()
         self.model = build_model(self.model_config).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay
         )
         self.scheduler = cosine_lr(opts, self.optimizer)
         self.cim = SampleWeighting(
             self.model_config.widths[-1], CIMConfig(memory_size=opts.batch_size)
-        )
-        self.amp_dtype = None
-        if self.device.type == "cuda":
-            bf16 = torch.cuda.is_bf16_supported()
-            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
+        ).to(self.device)
+        # fp32 and bf16 need no loss scaling (bf16 has fp32's exponent range); the scaler stays
+        # in the training state so that state files keep one layout.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        self.step_model = torch.compile(self.model) if opts.compile else self.model
         self.epoch = 0
         self.best_dice = -1.0
         self.best_epoch = -1
@@ -199,28 +220,62 @@ class Trainer:
             raise DataError(
                 f"{train_dir}: {len(self.train_set)} training items, fewer than one batch"
             )
-        # drop_last: the CIM memory update expects full batches (SPEC §4 implementation notes)
+        # drop_last: the CIM memory update expects full batches (SPEC §4 implementation notes).
+        # Workers augment the next batches beside the step; persistent, so they are forked once
+        # (the datasets share their epoch with them, data.EpochSelector).
+        workers = self.opts.workers
         self.loader = DataLoader(
             self.train_set,
             batch_size=self.opts.batch_size,
             shuffle=True,
             drop_last=True,
-            generator=self.generator,
+            generator=self.data_generator,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=2 if workers > 0 else None,
+            pin_memory=self.device.type == "cuda",
         )
 
     # ------------------------------------------------------------ training
     def _autocast(self):
-        if self.amp_dtype is None:
-            return torch.autocast("cpu", enabled=False)
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return autocast(self.precision, self.device)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """One optimiser step on a batch; returns the loss terms as detached device tensors
+        (no host synchronisation: the caller sums them on the device)."""
+        x, y = self._to_device(x), y.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits, f5 = self.step_model(x, return_bottleneck=True)
+        weights = None
+        terms = {}
+        if self.opts.use_cim:
+            z = f5.detach().float().mean(dim=(2, 3))  # GAP(f5): B×d (SPEC §4 point 1)
+            weights = self.cim(z, self.epoch, step, generator=self.cim_generator)
+            rel = weights.detach() * weights.numel()  # relative to uniform (1 = uniform)
+            terms |= {"cim_weight_min": rel.min(), "cim_weight_max": rel.max()}
+            terms["cim_weight_std"] = rel.std(correction=0)
+        loss = segmentation_loss(logits, y, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss.total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.iteration += 1
+        terms |= {f"loss_{k}": getattr(loss, k).detach() for k in ("total", "cim", "dice", "focal")}
+        return terms
 
     def train_epoch(self) -> dict:
+        """One pass over the training set; returns the epoch means for the log."""
         from tqdm import tqdm
 
         self.model.train()
         self.train_set.set_epoch(self.epoch)  # seeded augmentation stream of this epoch
-        sums: dict[str, float] = {}
-        spreads = []
+        sums: dict[str, torch.Tensor] = {}
         bar = tqdm(
             self.loader,
             desc=f"epoch {self.epoch + 1}/{self.opts.epoch_budget}",
@@ -229,30 +284,12 @@ class Trainer:
             dynamic_ncols=True,
         )
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits, f5 = self.model(x, return_bottleneck=True)
-            weights = None
-            if self.opts.use_cim:
-                z = f5.detach().float().mean(dim=(2, 3))  # GAP(f5): B×d (SPEC §4 point 1)
-                weights = self.cim(z, self.epoch, step, generator=self.generator)
-                spreads.append(weight_spread(weights))
-            terms = segmentation_loss(logits, y, weights)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(terms.total).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            for k, v in terms.as_floats().items():
-                sums[k] = sums.get(k, 0.0) + v
-            self.iteration += 1
-            bar.set_postfix(loss=f"{sums['total'] / (step + 1):.4f}")
+            for k, v in self.train_step(x, y, step).items():
+                sums[k] = sums[k] + v if k in sums else v
+            if self.progress and step % 10 == 9:  # a host sync only for the progress bar
+                bar.set_postfix(loss=f"{float(sums['loss_total']) / (step + 1):.4f}")
         n = max(1, len(self.loader))
-        record = {f"loss_{k}": v / n for k, v in sums.items()}
-        if spreads:
-            record["cim_weight_min"] = float(np.mean([s["min"] for s in spreads]))
-            record["cim_weight_max"] = float(np.mean([s["max"] for s in spreads]))
-            record["cim_weight_std"] = float(np.mean([s["std"] for s in spreads]))
-        return record
+        return {k: float(v) / n for k, v in sums.items()}
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -262,7 +299,7 @@ class Trainer:
         if self.opts.preset == "paper":
             for x, y in DataLoader(self.val_set, batch_size=self.opts.batch_size):
                 with self._autocast():
-                    logits = self.model(x.to(self.device))
+                    logits = self.model(self._to_device(x))
                 fg = (1 - torch.softmax(logits.float(), dim=1)[:, 0]).cpu().numpy() > 0.5
                 scores += [dice(p, t > 0) for p, t in zip(fg, y.numpy() > 0, strict=True)]
         else:
@@ -275,6 +312,7 @@ class Trainer:
     def _tile_predictor(self):
         def run(tiles: np.ndarray) -> np.ndarray:
             x = torch.from_numpy(tiles).to(self.device).permute(0, 3, 1, 2).float() / 255
+            x = self._to_device(x)
             with self._autocast():
                 logits = self.model(x)
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
@@ -293,6 +331,7 @@ class Trainer:
             "epoch": self.epoch,
             "val_dice": val_dice,
             "use_cim": self.opts.use_cim,
+            "precision": self.precision,
             "seed": self.opts.seed,
             "init_from": self.opts.init_from,
             "train_ids": sorted(s.image_id for s in self.train_samples),
@@ -300,6 +339,35 @@ class Trainer:
             "normalisation": "inside the model (ImageNet mean/std on [0, 1] RGB)",
             "cellseg_version": __version__,
         }
+
+    def rng_state(self) -> dict:
+        """Every random stream of the run (see the class docstring), for exact resume."""
+        state = {
+            "torch_rng": torch.get_rng_state(),
+            "data_rng": self.data_generator.get_state(),
+            "cim_rng": self.cim_generator.get_state(),
+            "numpy_rng": _numpy_rng_state(),
+            "python_rng": json.dumps(random.getstate()),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        if "data_rng" not in state:  # an older state file: one shared generator
+            log.warning("resuming a run saved by an older cellseg: the CIM's stream restarts")
+            torch.set_rng_state(state["torch_rng"].cpu())
+            self.data_generator.set_state(state["generator_rng"].cpu())
+            return
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.data_generator.set_state(state["data_rng"].cpu())
+        self.cim_generator.set_state(state["cim_rng"].cpu())
+        name, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = json.loads(state["python_rng"])
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
 
     def save_state(self) -> None:
         state = {
@@ -312,8 +380,8 @@ class Trainer:
             "iteration": self.iteration,
             "best_dice": self.best_dice,
             "best_epoch": self.best_epoch,
-            "torch_rng": torch.get_rng_state(),
-            "generator_rng": self.generator.get_state(),
+            "precision": self.precision,
+            **self.rng_state(),
         }
         tmp = self.out / "last_state.pt.partial"
         torch.save(state, tmp)
@@ -333,8 +401,26 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.best_dice = float(state["best_dice"])
         self.best_epoch = int(state["best_epoch"])
-        torch.set_rng_state(state["torch_rng"])
-        self.generator.set_state(state["generator_rng"])
+        self.set_rng_state(state)
+        self._fit_schedule_to_budget()
+
+    def _fit_schedule_to_budget(self) -> None:
+        """A resume with another ``--epochs`` re-targets the cosine at the new budget (closed
+        form at the current epoch); with the same budget the restored schedule is untouched."""
+        budget = self.opts.epoch_budget
+        if self.scheduler.T_max == budget:
+            return
+        self.scheduler.T_max = budget
+        progress = min(self.epoch, budget) / budget
+        for group, base_lr in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, strict=True
+        ):
+            lr = (
+                self.opts.min_lr
+                + (base_lr - self.opts.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+            )
+            group["lr"] = lr
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def load_init_weights(self) -> str:
         """Copies the weights of ``opts.init_from`` into the model; returns the file's SHA-256.
@@ -355,14 +441,18 @@ class Trainer:
 
     # ----------------------------------------------------------------- run
     def describe(self) -> dict:
-        model = build_model(self.model_config)
+        with torch.random.fork_rng(devices=[]):  # counting must not move the run's random stream
+            model = build_model(self.model_config)
+            flops = count_flops(model, 224)
         return {
             "params": count_parameters(model),
-            "gflops_224": count_flops(model, 224) / 1e9,
+            "gflops_224": flops / 1e9,
             "train_images": len(self.train_samples),
             "val_images": len(self.val_samples),
             "train_items_per_epoch": len(self.train_set),
             "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
             "model_mpp": self.model_mpp,
         }
 
@@ -388,6 +478,7 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             record = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            record["precision"] = self.precision
             record.update(self.train_epoch())
             self.scheduler.step()
             record["train_seconds"] = time.perf_counter() - t0
@@ -427,6 +518,12 @@ class Trainer:
         }
 
 
+def _numpy_rng_state() -> list:
+    """numpy's global MT19937 state as torch-loadable primitives (``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
 def _epoch_line(r: dict) -> str:
     cim = ""
     if "cim_weight_max" in r:
@@ -446,7 +543,10 @@ def train(opts: TrainOptions, resume: bool = False, progress: bool = True) -> di
         if saved.is_file():  # keep the run's own options; only the epoch budget may change
             stored = json.loads(saved.read_text())["options"]
             stored["epochs"] = opts.epochs or stored["epochs"]
+            # Where and how fast it runs may change; what it computes may not.
             stored["device"] = opts.device
+            stored["workers"] = opts.workers
+            stored["threads"] = opts.threads or stored.get("threads")
             opts = TrainOptions(**stored)
     trainer = Trainer(opts, progress=progress)
     return trainer.run(resume=resume)

@@ -134,3 +134,12 @@ tta_option = click.option(
     help="Test-time augmentation: average the 8 rotations/reflections of each tile "
     "(8x the model time; a little more accurate, see docs/RESULTS.md).",
 )
+
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Network arithmetic. auto: bf16 where the hardware has it (CUDA with bf16, CPUs with "
+    "AMX/AVX512-BF16), fp32 elsewhere. Sensitive ops always stay fp32 (docs/NOTES.md).",
+)

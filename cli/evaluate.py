@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .common import device_option, tta_option, user_errors
+from .common import device_option, precision_option, tta_option, user_errors
 
 COLUMNS = ("dice", "iou", "aji", "pq", "dq", "sq")
 
@@ -51,8 +51,9 @@ COLUMNS = ("dice", "iou", "aji", "pq", "dq", "sq")
 )
 @tta_option
 @device_option
+@precision_option
 @user_errors
-def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device):
+def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device, precision):
     """Evaluate a checkpoint and print a per-image table with mean ± std.
 
     \b
@@ -77,7 +78,15 @@ def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device
     progress = sys.stderr.isatty() and not (click.get_current_context().find_root().obj or {}).get(
         "quiet"
     )
-    result = evaluate(bundle, samples, protocol=protocol, device=device, tta=tta, progress=progress)
+    result = evaluate(
+        bundle,
+        samples,
+        protocol=protocol,
+        device=device,
+        tta=tta,
+        precision=precision,
+        progress=progress,
+    )
     cols = [c for c in COLUMNS if c in result["summary"]]
     click.echo(f"{'image':<28}" + "".join(f"{c:>9}" for c in cols))
     for row in result["per_image"]:

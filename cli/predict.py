@@ -14,7 +14,15 @@ from pathlib import Path
 
 import click
 
-from .common import EXIT_FAILURE, EXIT_INTERRUPTED, device_option, fail, tta_option, user_errors
+from .common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    device_option,
+    fail,
+    precision_option,
+    tta_option,
+    user_errors,
+)
 
 OBJECT_TYPES = ("detection", "cell", "annotation")  # cellseg.geojson.OBJECT_TYPES
 GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")  # what QuPath imports
@@ -164,11 +172,14 @@ def _model_file(model_path: Path | None) -> Path:
     return default_model_path()
 
 
-def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
+def _load_predictor(
+    model_path: Path | None, device: str, tta: bool = False, precision: str = "auto"
+):
     from cellseg.checkpoint import load_bundle
     from cellseg.inference import Predictor
 
-    return Predictor(load_bundle(_model_file(model_path)), device=device, tta=tta)
+    bundle = load_bundle(_model_file(model_path))
+    return Predictor(bundle, device=device, precision=precision, tta=tta)
 
 
 def _check_model(model_path: Path | None) -> tuple[Path, str]:
@@ -201,7 +212,7 @@ def _execution(scheduler, device, n_slides):
     return layout.resources, layout
 
 
-def _slide_task(job, scheduler, layout, model_path, device, tta):
+def _slide_task(job, scheduler, layout, model_path, device, tta, precision):
     """``slide -> cohort row``: :func:`cellseg.batch.run_slide` with the job bound (picklable).
 
     In this process the model is loaded once, here; Dask workers load it themselves, once per
@@ -212,7 +223,8 @@ def _slide_task(job, scheduler, layout, model_path, device, tta):
     from cellseg.batch import run_slide
 
     if scheduler is None:
-        return partial(run_slide, job=job, predictor=_load_predictor(model_path, device, tta))
+        predictor = _load_predictor(model_path, device, tta, precision)
+        return partial(run_slide, job=job, predictor=predictor)
     path, sha256 = _check_model(model_path)
     threads = layout.torch_threads if layout is not None else None
     job = replace(job, model_path=path, model_sha256=sha256, torch_threads=threads, progress=False)
@@ -343,6 +355,7 @@ def _interrupted(scheduler, current) -> None:
 )
 @device_option
 @tta_option
+@precision_option
 @click.option(
     "--object-type",
     type=click.Choice(OBJECT_TYPES),
@@ -380,6 +393,7 @@ def predict_command(
     label_workers,
     device,
     tta,
+    precision,
     object_type,
     overwrite,
 ):
@@ -422,7 +436,7 @@ def predict_command(
     )
     progress = sys.stderr.isatty() and not quiet and scheduler is None
     job = SlideJob(explicit, options, model_path, device, tta, progress=progress)
-    job = replace(job, out_dir=out_dir, overlays=overlays)
+    job = replace(job, out_dir=out_dir, overlays=overlays, precision=precision)
     cohort = out_dir / "cohort.csv" if out_dir is not None else None
     # Clashes are checked on the whole list, so that every shard accepts or refuses it alike.
     _check_paths(everything, [job.outputs_for(s) for s in everything], model_path, cohort)
@@ -434,7 +448,7 @@ def predict_command(
         [p for plan in plans.values() for p in plan.paths()] + ([cohort] if cohort else [])
     )
     resources, layout = _execution(scheduler, device, len(mine))
-    task = _slide_task(job, scheduler, layout, model_path, device, tta)
+    task = _slide_task(job, scheduler, layout, model_path, device, tta, precision)
     for slide, outputs in plans.items():
         # (A locked slide is another process's current work, not an interrupted run.)
         if outputs.is_resumable() and not SlideLock(outputs.lock_path).is_held() and not quiet:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import device_option, user_errors
+from .common import device_option, precision_option, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,7 +89,22 @@ from .common import device_option, user_errors
     default=None,
     help="CPU threads for torch (default: torch's choice).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="DataLoader processes augmenting the next batches beside the step (0: in the main "
+    "process). Pays where cores are spare; see benchmarks/README.md.",
+)
+@click.option(
+    "--compile",
+    "compile_model",
+    is_flag=True,
+    help="torch.compile the model (minutes to compile on a CPU; no gain shown there).",
+)
 @device_option
+@precision_option
 @user_errors
 def train_command(
     data,
@@ -109,13 +124,17 @@ def train_command(
     init_from,
     seed,
     threads,
+    workers,
+    compile_model,
     device,
+    precision,
 ):
     """Train on MoNuSeg with the causal (CIM) loss, keeping the best model on validation Dice.
 
     \b
     Example:
       cellseg train --data ../shared/data/monuseg --preset paper --epochs 400 --out runs/paper
+      cellseg train --data ../shared/data/monuseg --preset paper --precision bf16 --out runs/bf16
       cellseg train --data ../shared/data/monuseg --out runs/wsi --resume
       cellseg train --data ../shared/data/monuseg --init runs/wsi/best.safetensors --out runs/ft
     """
@@ -138,8 +157,11 @@ def train_command(
         num_classes=2 if binary else 3,
         mpp=mpp,
         device=device,
+        precision=precision,
         seed=seed,
         threads=threads,
+        workers=workers,
+        compile=compile_model,
         init_from=str(init_from) if init_from else None,
     )
     summary = train(opts, resume=resume)

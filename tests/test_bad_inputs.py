@@ -162,7 +162,9 @@ def disk_full(monkeypatch):
 
 def _oracle(monkeypatch) -> None:
     monkeypatch.setattr(
-        cli_predict, "_load_predictor", lambda model_path, device, tta=False: DiscOracle()
+        cli_predict,
+        "_load_predictor",
+        lambda model_path, device, tta=False, precision="auto": DiscOracle(),
     )
     from cellseg import predict
 

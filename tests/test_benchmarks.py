@@ -25,6 +25,7 @@ import throughput  # noqa: E402
 from cellseg.checkpoint import load_bundle, save_bundle  # noqa: E402
 from cellseg.inference import Predictor  # noqa: E402
 from cellseg.model import ModelConfig, build_model  # noqa: E402
+from cellseg.precision import resolve_precision  # noqa: E402
 from cellseg.predict import PredictOptions, plan_slide  # noqa: E402
 from cellseg.readahead import SlideSource  # noqa: E402
 from cellseg.slide import open_slide  # noqa: E402
@@ -143,9 +144,12 @@ def test_script_prints_ratio_and_memory_last(tmp_path, tiny_model, capsys) -> No
     out = tmp_path / "bench.json"
     argv = ["--size-px", "960", "--model", str(tiny_model), "--threads", "1", "--workers", "0"]
     argv += ["--batch-size", "4", "--json", str(out), "--work-dir", str(tmp_path / "work")]
-    argv += ["--train", "--train-steps", "1", "--train-batch", "2"]
+    argv += ["--train", "--train-steps", "1", "--train-batch", "2", "--train-model-size", "tiny"]
+    argv += ["--train-precision", "fp32", "--train-workers", "0,1"]
     result = throughput.main(argv)
-    e2e, train = result.end_to_end, result.train
+    e2e = result.end_to_end
+    assert [(t.precision, t.workers) for t in result.train][:2] == [("fp32", 0), ("fp32", 1)]
+    train = result.train[0]
     assert result.reader_only.tiles == result.model_only.tiles == e2e.tiles == 9  # 3×3
     expected = e2e.tiles_per_second / min(
         result.reader_only.tiles_per_second, result.model_only.tiles_per_second
@@ -155,15 +159,21 @@ def test_script_prints_ratio_and_memory_last(tmp_path, tiny_model, capsys) -> No
     assert e2e.tissue_area_mm2 == pytest.approx(0.24**2 * 0.82, rel=0.2)  # 82% tissue
     assert list((tmp_path / "work").glob("e2e-*/nuclei.geojson"))
     assert list((tmp_path / "work").glob("e2e-*/nuclei.zarr"))
+    # The real Trainer: the synthetic set has 3 training tiles, one crop each, batch 2: 1 step
     assert train.cim and (train.batch_size, train.steps, train.tile_px) == (2, 1, 224)
     assert train.images_per_second == pytest.approx(2 / train.seconds)
     assert train.wsi_epoch_seconds == pytest.approx(192 / train.images_per_second)
+    assert train.chosen == (train.precision == resolve_precision("auto", torch.device("cpu")))
     lines = capsys.readouterr().out.strip().splitlines()
     tail = lines[lines.index("== result ==") + 1 :]
     tail = [line for line in tail if not line.startswith("note:")]
-    assert tail[0].startswith("training ") and "images/s" in tail[0]
-    assert tail[1].startswith("ratio end-to-end / min(reader-only, model-only) = ")
-    assert tail[2].startswith("peak RSS, end to end") and "process tree" in tail[-1]
+    n_train = len(result.train)
+    assert all(line.startswith("training ") and "images/s" in line for line in tail[:n_train])
+    assert tail[n_train].startswith("training ratio fp32, 1 workers")
+    assert " / fp32, 0 workers = " in tail[n_train]
+    tail = tail[2 * n_train - 1 :]
+    assert tail[0].startswith("ratio end-to-end / min(reader-only, model-only) = ")
+    assert tail[1].startswith("peak RSS, end to end") and "process tree" in tail[-1]
     saved = json.loads(out.read_text())
     assert saved["ratio"] == result.ratio and saved["end_to_end"]["tiles"] == 9
     assert saved["hardware"]["torch_threads"] == 1

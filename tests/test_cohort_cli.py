@@ -38,7 +38,9 @@ def statuses(out: Path) -> dict[str, str]:
 @pytest.fixture
 def oracle(monkeypatch):
     monkeypatch.setattr(
-        cli_predict, "_load_predictor", lambda model_path, device, tta=False: DiscOracle()
+        cli_predict,
+        "_load_predictor",
+        lambda model_path, device, tta=False, precision="auto": DiscOracle(),
     )
     from cellseg import predict
 

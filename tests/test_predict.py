@@ -350,6 +350,23 @@ def test_a_run_with_tta_never_resumes_a_run_without(seam_slide, tmp_path):
     assert attrs["model"]["tta"] is True
 
 
+def test_a_bf16_partial_run_is_never_resumed_in_fp32(seam_slide, tmp_path):
+    path, _ = seam_slide
+    outputs = outputs_in(tmp_path, geojson=True, zarr=True)
+    half = DiscOracle()
+    half.precision = "bf16"
+    with pytest.raises(Interrupt):
+        predict_slide(path, half, outputs, options(), on_region=interrupt_after(2))
+    assert outputs.is_resumable()
+    full = DiscOracle()
+    full.precision = "fp32"
+    summary = predict_slide(path, full, outputs, options())
+    assert summary["resumed"] is False and full.calls == summary["tiles"]
+    assert summary["model"]["precision"] == "fp32"
+    attrs = zarr.open_group(str(tmp_path / "n.zarr"), mode="r").attrs
+    assert attrs["model"]["precision"] == "fp32"
+
+
 def test_a_kill_between_nuclei_and_progress_is_rolled_back(
     seam_slide, seam_run, tmp_path, monkeypatch
 ):

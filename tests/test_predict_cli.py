@@ -33,7 +33,9 @@ def stderr_lines(result) -> list[str]:
 def oracle(monkeypatch):
     """The command with the disc oracle instead of a checkpoint, reading in-process."""
     monkeypatch.setattr(
-        cli_predict, "_load_predictor", lambda model_path, device, tta=False: DiscOracle()
+        cli_predict,
+        "_load_predictor",
+        lambda model_path, device, tta=False, precision="auto": DiscOracle(),
     )
     from cellseg import predict
 
