@@ -236,7 +236,7 @@ def test_the_model_is_loaded_once_per_key_and_checked_against_the_clients_copy(t
     assert cached_predictor(tiny_model, "cpu", False, sha) is first
     assert cached_predictor(tiny_model, "cpu", True, sha) is not first  # TTA: another key
     bf16 = cached_predictor(tiny_model, "cpu", False, sha, "bf16")  # precision: another key
-    assert bf16.precision == "bf16" and first.precision == "fp32"
+    assert bf16 is not first and bf16.precision == "bf16"
     tiny_model.touch()  # replaced while a worker lives: loaded again, and checked again
     with pytest.raises(CellsegError, match="differs from the client's"):
         cached_predictor(tiny_model, "cpu", False, "0" * 64)
