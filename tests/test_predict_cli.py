@@ -7,15 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cellseg.cli.predict as cli_predict
 import numpy as np
 import pytest
 import zarr
+from cellseg.cli.main import cellseg
 from click.testing import CliRunner
 from oracle import DiscOracle, disc_image
 from slides import make_pyramid_tiff
-
-import cli.predict as cli_predict
-from cli.main import cellseg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +65,7 @@ def test_help_shows_the_options_and_an_example():
 
 
 def test_the_command_module_does_not_import_torch():
-    code = "import sys, cli.predict; print('torch' in sys.modules)"
+    code = "import sys, cellseg.cli.predict; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
 
