@@ -178,7 +178,15 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     type=click.Choice(OBJECT_TYPES),
     default="detection",
     show_default=True,
-    help="QuPath object type of each nucleus.",
+    help="QuPath object type of each nucleus (cell: a cell grown around each nucleus, "
+    "see --cell-expansion-um).",
+)
+@click.option(
+    "--cell-expansion-um",
+    type=click.FloatRange(min=0, max=16),
+    default=None,
+    help="With --object-type cell: how far each cell grows from its nucleus, without "
+    "overlapping its neighbours (QuPath's cell expansion). Default: 5.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs instead of skipping.")
 @user_errors
@@ -200,6 +208,7 @@ def predict_command(
     device,
     tta,
     object_type,
+    cell_expansion_um,
     overwrite,
 ):
     """Segment the nuclei of one or more whole-slide images.
@@ -215,6 +224,10 @@ def predict_command(
       cellseg predict cohort/*.svs --out-dir results/ --device cuda --batch-size 256
       cellseg predict slide.mrxs --roi 20000,15000,4000,4000 --mpp 0.243 --out roi.geojson.gz
     """
+    if cell_expansion_um is not None and object_type != "cell":
+        fail("--cell-expansion-um needs --object-type cell")
+    if object_type == "cell" and cell_expansion_um is None:
+        cell_expansion_um = 5.0  # QuPath's default cell expansion
     plans = _plan_outputs(list(slides), out_dir, geojson, zarr_path, overlay, summary)
     from cellseg.errors import CellsegError
     from cellseg.predict import PredictOptions, predict_slide
@@ -229,6 +242,7 @@ def predict_command(
         workers=workers,
         label_workers=label_workers,
         object_type=object_type,
+        cell_expansion_um=cell_expansion_um or 0.0,
         overwrite=overwrite,
     )
     failed = 0

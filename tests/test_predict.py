@@ -466,3 +466,46 @@ def test_worker_processes_give_the_same_result(seam_slide, seam_run, tmp_path):
     opts = options(workers=1, label_workers=1, batch_size=16)
     predict_slide(path, DiscOracle(), outputs_in(tmp_path, geojson=True, zarr=True), opts)
     assert_same_results(reference, tmp_path)
+
+
+def test_two_identical_runs_give_byte_identical_geojson(seam_slide, seam_run, tmp_path):
+    """Feature ids are uuid5 of the slide's content hash and the nucleus; nothing else in the
+    file (timestamps, key order, floats) varies between runs, inline or in worker processes."""
+    path, _ = seam_slide
+    out, _ = seam_run
+    again = outputs_in(tmp_path, geojson=True)
+    predict_slide(path, DiscOracle(), again, options(label_workers=1))
+    assert (tmp_path / "n.geojson").read_bytes() == (out / "n.geojson").read_bytes()
+    ids = [f["id"] for f in features(out / "n.geojson")]
+    assert len(set(ids)) == len(ids)
+
+
+def test_cells_grow_from_the_nuclei_without_overlapping(seam_slide, seam_run, tmp_path):
+    """--object-type cell: each cell contains its nucleus, reaches at most the expansion
+    beyond it, and never overlaps another cell, across region seams too (discs on the seams
+    are 4 px apart or more, so 5 µm = 10 px expansions collide everywhere)."""
+    path, _ = seam_slide
+    out, _ = seam_run
+    opts = options(object_type="cell", cell_expansion_um=5.0)
+    predict_slide(path, DiscOracle(), outputs_in(tmp_path, geojson=True), opts)
+    cells = features(tmp_path / "n.geojson")
+    assert len(cells) == len(features(out / "n.geojson"))
+    outlines = []
+    for feature in cells:
+        nucleus = shapely.geometry.shape(feature["nucleusGeometry"])
+        cell = shapely.geometry.shape(feature["geometry"])
+        assert feature["properties"]["objectType"] == "cell" and cell.is_valid
+        assert cell.buffer(1e-6).contains(nucleus)
+        assert nucleus.buffer(10 + 1.5).contains(cell)  # 10 px, plus the pixel outline
+        m = feature["properties"]["measurements"]
+        assert m["Cell: Area µm^2"] == pytest.approx(cell.area * MPP**2)
+        assert m["Nucleus/Cell area ratio"] == pytest.approx(nucleus.area / cell.area, abs=1e-4)
+        assert m["Cell: Eosin OD mean"] > 0 and m["Nucleus: Eosin OD mean"] > 0
+        outlines.append(cell)
+    tree = shapely.STRtree(outlines)
+    left, right = tree.query(outlines, predicate="intersects")
+    pairs = left < right
+    overlap = shapely.area(
+        shapely.intersection(np.take(outlines, left[pairs]), np.take(outlines, right[pairs]))
+    )
+    assert pairs.sum() > 50 and overlap.max() < 1e-6  # neighbours touch, never overlap

@@ -78,6 +78,7 @@ def test_the_command_module_does_not_import_torch():
         (["a.svs"], "nothing to write"),
         (["a.svs", "--out", "x.txt"], "--out x.txt: expected a file ending in .geojson"),
         (["a.svs", "--overlay", "x.gif"], "expected a file ending in .png"),
+        (["a.svs", "--out", "x.geojson", "--cell-expansion-um", "5"], "needs --object-type cell"),
     ],
 )
 def test_usage_errors_are_one_line(args, message):
