@@ -21,12 +21,12 @@ QuPath's for calibrated images (µm units), e.g. ``Nucleus: Area µm^2``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import shapely
-from scipy import ndimage as ndi
 from shapely.geometry import Polygon
 
 # QuPath's default "H&E" stains (ColorDeconvolutionStains, from Ruifrok & Johnston): rows are
@@ -44,11 +44,13 @@ STAINS = ("Hematoxylin", "Eosin")
 STATISTICS = ("mean", "std dev", "max", "min")
 
 
+# OD of each uint8 value: a value of 0 is clamped to 1, as the log of 0 is not finite.
+_OD_LUT = -np.log10(np.maximum(np.arange(256, dtype=np.float64), 1.0) / MAX_VALUE)
+
+
 def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """``n×3`` uint8 RGB -> ``n×3`` float64 OD ``-log10(max(v, 1) / 255)`` per channel (a
-    value of 0 is clamped to 1, as the log of 0 is not finite)."""
-    values = np.maximum(np.asarray(rgb, dtype=np.float64), 1.0)
-    return -np.log10(values / MAX_VALUE)
+    """``n×3`` uint8 RGB -> ``n×3`` float64 OD ``-log10(max(v, 1) / 255)`` per channel."""
+    return _OD_LUT[np.asarray(rgb, dtype=np.uint8)]
 
 
 def stain_amounts(rgb: np.ndarray) -> np.ndarray:
@@ -80,6 +82,8 @@ def stain_measurements(
     order = np.argsort(ids)
     position = order[np.searchsorted(ids[order], owner)]  # each pixel's index in ids
     count = np.bincount(position, minlength=len(ids))
+    by_id = np.argsort(position, kind="stable")  # pixels grouped by id, for max and min
+    starts = np.cumsum(count) - count
     columns: dict[str, np.ndarray] = {}
     for column, stain in enumerate(STAINS):
         values = amounts[:, column]
@@ -87,11 +91,12 @@ def stain_measurements(
         # Population std dev from the deviations (E[x²] - E[x]² would cancel).
         squares = np.bincount(position, weights=(values - mean[position]) ** 2, minlength=len(ids))
         spread = np.sqrt(squares / count)
+        grouped = values[by_id]
         statistics = (
             mean,
             spread,
-            ndi.maximum(values, owner, ids),
-            ndi.minimum(values, owner, ids),
+            np.maximum.reduceat(grouped, starts),
+            np.minimum.reduceat(grouped, starts),
         )
         for name, value in zip(STATISTICS, statistics, strict=True):
             columns[f"{compartment}: {stain} OD {name}"] = np.asarray(value, dtype=np.float64)
@@ -116,18 +121,22 @@ def shape_measurements(
     hulls = shapely.convex_hull(shapes)
     hull_area = shapely.area(hulls)
     eccentricity = _eccentricities(shapes)
+    hull_xy, hull_ring = shapely.get_coordinates(
+        shapely.get_exterior_ring(hulls), return_index=True
+    )
+    last = np.r_[hull_ring[1:] != hull_ring[:-1], True]  # each ring's repeated closing point
+    max_px, min_px = _batched_calipers(hull_xy[~last], hull_ring[~last], len(shapes))
     prefix = f"{compartment}: "
     out = []
-    for i, hull in enumerate(hulls.tolist()):
-        max_px, min_px = calipers(np.asarray(hull.exterior.coords)[:-1])
+    for i in range(len(shapes)):
         out.append(
             {
                 prefix + "Area µm^2": float(area_px[i] * level0_mpp**2),
                 prefix + "Perimeter µm": float(length_px[i] * level0_mpp),
                 prefix + "Circularity": float(4 * math.pi * area_px[i] / length_px[i] ** 2),
                 prefix + "Solidity": float(area_px[i] / hull_area[i]),
-                prefix + "Max caliper µm": max_px * level0_mpp,
-                prefix + "Min caliper µm": min_px * level0_mpp,
+                prefix + "Max caliper µm": float(max_px[i] * level0_mpp),
+                prefix + "Min caliper µm": float(min_px[i] * level0_mpp),
                 prefix + "Eccentricity": float(eccentricity[i]),
             }
         )
@@ -135,20 +144,74 @@ def shape_measurements(
 
 
 def calipers(hull_xy: np.ndarray) -> tuple[float, float]:
-    """``(max, min)`` Feret diameters of a convex polygon given by its ``k×2`` vertices (in
-    order, not repeated): the largest vertex distance, and the smallest width over the hull's
-    edge directions (the minimum width of a convex polygon is attained at one of its edges)."""
-    points = hull_xy - hull_xy.mean(axis=0)  # centred: no cancellation at level-0 offsets
-    differences = points[:, None, :] - points[None, :, :]
-    largest = float(np.sqrt((differences**2).sum(axis=-1)).max())
-    edges = np.roll(points, -1, axis=0) - points
-    lengths = np.hypot(edges[:, 0], edges[:, 1])
-    edges, starts = edges[lengths > 0], points[lengths > 0]
-    normals = np.stack([-edges[:, 1], edges[:, 0]], axis=1) / lengths[lengths > 0, None]
-    # Width across each edge: the distance of the farthest vertex from the edge's line.
-    heights = np.abs(normals @ points.T - (normals * starts).sum(axis=1)[:, None])
-    smallest = float(heights.max(axis=1).min()) if len(heights) else 0.0
+    """``(max, min)`` Feret diameters of one convex polygon given by its ``k×2`` vertices (in
+    order, not repeated); see :func:`_calipers`."""
+    hull_xy = np.asarray(hull_xy, dtype=np.float64)
+    largest, smallest = _calipers(hull_xy, np.zeros(len(hull_xy), dtype=np.intp), 1)
+    return float(largest[0]), float(smallest[0])
+
+
+_CALIPER_BATCH = 128  # polygons at once: temporaries of batch × k² (k hull vertices) stay small
+
+
+def _batched_calipers(xy: np.ndarray, ring: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_calipers` over batches of polygons, which bounds its ``n×k×k`` temporaries."""
+    largest, smallest = np.zeros(n), np.zeros(n)
+    bounds = np.searchsorted(ring, np.arange(0, n + _CALIPER_BATCH, _CALIPER_BATCH))
+    for batch, (start, stop) in enumerate(itertools.pairwise(bounds.tolist())):
+        if stop > start:
+            first = batch * _CALIPER_BATCH
+            count = min(_CALIPER_BATCH, n - first)
+            big, small = _calipers(xy[start:stop], ring[start:stop] - first, count)
+            largest[first : first + count], smallest[first : first + count] = big, small
     return largest, smallest
+
+
+def _calipers(xy: np.ndarray, ring: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Largest and smallest Feret diameters of ``n`` convex polygons at once.
+
+    The largest is the largest vertex distance; the smallest, the smallest width over the
+    hull's edge directions (a convex polygon's minimum width is attained across one of its
+    edges: rotating calipers), each width being the farthest vertex from the edge's line.
+
+    Args:
+        xy: ``m×2`` vertices of the polygons one after another, each listed once around.
+        ring: ``m`` polygon index of each vertex (non-decreasing).
+        n: number of polygons.
+    """
+    sizes = np.bincount(ring, minlength=n)
+    first = np.cumsum(sizes) - sizes
+    k = int(sizes.max())
+    slot = np.arange(len(xy)) - first[ring]
+    valid = np.zeros((n, k), dtype=bool)
+    valid[ring, slot] = True
+    points = np.zeros((n, k, 2))
+    points[ring, slot] = xy
+    # Centred on each polygon: no cancellation at level-0 offsets of 10⁵ px.
+    centre = (
+        np.bincount(ring, weights=xy[:, 0], minlength=n),
+        np.bincount(ring, weights=xy[:, 1], minlength=n),
+    )
+    points -= (np.stack(centre, axis=1) / sizes[:, None])[:, None, :]
+    points[~valid] = 0.0
+    pair = valid[:, :, None] & valid[:, None, :]
+    distance = np.linalg.norm(points[:, :, None, :] - points[:, None, :, :], axis=-1)
+    largest = np.where(pair, distance, 0.0).max(axis=(1, 2))
+    following = np.where(slot + 1 < sizes[ring], slot + 1, 0)  # the next vertex, cyclically
+    edges = np.zeros((n, k, 2))
+    edges[ring, slot] = points[ring, following] - points[ring, slot]
+    lengths = np.linalg.norm(edges, axis=-1)
+    usable = valid & (lengths > 0)
+    normals = (
+        np.stack([-edges[..., 1], edges[..., 0]], axis=-1)
+        / np.where(usable, lengths, 1.0)[..., None]
+    )
+    # heights[p, e, v]: distance of vertex v from the line through edge e.
+    offsets = points[:, None, :, :] - points[:, :, None, :]
+    heights = np.abs(np.einsum("pek,pevk->pev", normals, offsets))
+    widths = np.where(valid[:, None, :], heights, 0.0).max(axis=2)
+    smallest = np.where(usable, widths, np.inf).min(axis=1)
+    return largest, np.where(np.isfinite(smallest), smallest, 0.0)
 
 
 def _eccentricities(shapes: np.ndarray) -> np.ndarray:

@@ -30,4 +30,30 @@ def test_the_console_script_installs_under_the_package_namespace():
     assert project["project"]["scripts"]["cellseg"] == "cellseg.cli.main:main"
     import cellseg.cli.main
 
-    assert Path(cellseg.cli.main.__file__).resolve() == REPO / "cli" / "main.py"
+    installed = Path(cellseg.cli.main.__file__).resolve()
+    assert installed in (
+        REPO / "cli" / "main.py",
+        Path(cellseg.__file__).parent / "cli" / "main.py",
+    )
+
+
+def _floors(requirements: list[str]) -> dict[str, str]:
+    floors = {}
+    for requirement in requirements:
+        name, _, version = requirement.partition(">=")
+        floors[name.strip().lower()] = version.strip()
+    return floors
+
+
+def test_the_ci_pins_the_lowest_allowed_versions():
+    """.ci/min-versions.txt pins exactly pyproject's floors (CI tests them in a fresh venv)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    floors = _floors(project["dependencies"] + project["optional-dependencies"]["test"])
+    lines = (REPO / ".ci" / "min-versions.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+    left_out = {"torch", "ome-zarr", "ruff"}  # see the file's header
+    assert set(pins) == set(floors) - left_out
+    for name, pinned in pins.items():
+        wanted = [int(part) for part in floors[name].split(".")]
+        got = [int(part) for part in pinned.split(".")[: len(wanted)]]
+        assert got == wanted, f"{name}: pinned {pinned}, floor {floors[name]}"
