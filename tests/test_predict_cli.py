@@ -168,6 +168,12 @@ def check_cmu_outputs(out: Path, canvas_hw: tuple[int, int]) -> dict:
     assert collection["type"] == "FeatureCollection"
     assert len(collection["features"]) == summary["nuclei"] == group.attrs["nuclei"]
     assert np.asarray(group["labels/nuclei/0"][:]).max() == summary["nuclei"]
+    assert group.attrs["multiscales"][0]["axes"][0]["unit"] == "micrometer"
+    assert "multiscales" in group["labels/nuclei"].attrs and "rgb" not in group
+    for feature in collection["features"]:  # real H&E pixels: hematoxylin-stained nuclei
+        m = feature["properties"]["measurements"]
+        assert m["Nucleus: Hematoxylin OD max"] >= m["Nucleus: Hematoxylin OD mean"] > 0
+        assert m["Nucleus: Max caliper µm"] >= m["Nucleus: Min caliper µm"] > 0
     assert (out / "o.png").stat().st_size > 1000
     return summary
 
