@@ -49,6 +49,8 @@ INTERIOR = "interior_probability"  # working arrays, deleted by finish()
 PIXELS = "rgb"
 MIN_LEVEL_PX = 256  # the pyramid goes down until the longest side is at most this
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+# The working rgb array is written once and read a few times: speed over size.
+_FAST_COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=1, shuffle=numcodecs.Blosc.NOSHUFFLE)
 _CHUNK_KEYS = {"name": "v2", "separator": "/"}  # NGFF 0.4 nested chunk keys
 
 
@@ -103,7 +105,7 @@ class PredictionStore:
         for name, dtype in names:
             _create(group, name, canvas_hw, chunks, dtype)
         # White outside the tissue tiles that are read: optical density 0 there.
-        _create(group, PIXELS, (*canvas_hw, 3), (*chunks, 3), "uint8", fill_value=255)
+        _create(group, PIXELS, (*canvas_hw, 3), (*chunks, 3), "uint8", 255, _FAST_COMPRESSOR)
         group.attrs.update({**(attrs or {}), "complete": False})
         return cls(path, group)
 
@@ -233,6 +235,7 @@ def _create(
     chunks: tuple[int, ...],
     dtype: str,
     fill_value: int = 0,
+    compressor: numcodecs.abc.Codec = _COMPRESSOR,
 ) -> zarr.Array:
     return group.create_array(
         name,
@@ -240,7 +243,7 @@ def _create(
         chunks=chunks,
         dtype=dtype,
         fill_value=fill_value,
-        compressors=_COMPRESSOR,
+        compressors=compressor,
         chunk_key_encoding=_CHUNK_KEYS,
     )
 
