@@ -4,7 +4,7 @@
 benchmarks). It opens the slide, decides the canvas at the model's mpp, the tiles and which of
 them touch tissue (:func:`plan_slide`), opens or resumes the slide's journal and partial Zarr,
 runs the concurrent stages of :mod:`cellseg.pipeline`, and finally moves every output to its
-name: GeoJSON for QuPath, Zarr v3 (``probability``, ``labels``), overlay picture, JSON summary.
+name: GeoJSON for QuPath, OME-Zarr (probability and label pyramids), overlay picture, JSON summary.
 
 A run that is killed resumes from its journal (:mod:`cellseg.journal`): regions are committed in
 raster order, so the completed ones are a prefix, and only the blocks that unfinished regions
@@ -140,7 +140,7 @@ class SlideOutputs:
 
     Attributes:
         geojson: nuclei as a QuPath FeatureCollection (``.geojson`` or ``.geojson.gz``).
-        zarr: Zarr v3 group with ``probability`` and ``labels``.
+        zarr: OME-Zarr image (NGFF 0.4): probability pyramid, ``labels/nuclei`` pyramid.
         overlay: downsampled picture with the outlines (``.png``, ``.jpg``, ``.tif``).
         summary: JSON run summary.
     """

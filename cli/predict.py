@@ -109,7 +109,7 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     "zarr_path",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Zarr v3 group with probability and labels (single slide).",
+    help="OME-Zarr image (NGFF 0.4): probability pyramid, nuclei in labels/ (single slide).",
 )
 @click.option(
     "--overlay",
