@@ -289,6 +289,8 @@ def build_pyramid(group: zarr.Group, downsample) -> list[str]:
     for level in range(1, len(shapes)):
         below = group[str(level - 1)]
         shape = shapes[level]
+        if _has(group, str(level)):  # a finish() that was interrupted: build the level again
+            del group[str(level)]
         target = _create(
             group,
             str(level),
