@@ -160,7 +160,7 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     "zarr_path",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Zarr v3 group with probability and labels (single slide).",
+    help="OME-Zarr image (NGFF 0.4): probability pyramid, nuclei in labels/ (single slide).",
 )
 @click.option(
     "--overlay",
@@ -235,7 +235,15 @@ def _load_predictor(model_path: Path | None, device: str, tta: bool = False):
     type=click.Choice(OBJECT_TYPES),
     default="detection",
     show_default=True,
-    help="QuPath object type of each nucleus.",
+    help="QuPath object type of each nucleus (cell: a cell grown around each nucleus, "
+    "see --cell-expansion-um).",
+)
+@click.option(
+    "--cell-expansion-um",
+    type=click.FloatRange(min=0, max=16),
+    default=None,
+    help="With --object-type cell: how far each cell grows from its nucleus, without "
+    "overlapping its neighbours (QuPath's cell expansion). Default: 5.",
 )
 @click.option(
     "--overwrite",
@@ -265,6 +273,7 @@ def predict_command(
     device,
     tta,
     object_type,
+    cell_expansion_um,
     overwrite,
 ):
     """Segment the nuclei of one or more whole-slide images.
@@ -282,6 +291,10 @@ def predict_command(
       cellseg predict cohort/*.svs --out-dir results/ --overlays --device cuda --batch-size 256
       cellseg predict slide.mrxs --roi 20000,15000,4000,4000 --mpp 0.243 --out roi.geojson.gz
     """
+    if cell_expansion_um is not None and object_type != "cell":
+        fail("--cell-expansion-um needs --object-type cell")
+    if object_type == "cell" and cell_expansion_um is None:
+        cell_expansion_um = 5.0  # QuPath's default cell expansion
     slides = list(slides)
     plans = _plan_outputs(slides, out_dir, geojson, zarr_path, overlay, summary, overlays)
     _check_mpp(mpp)
@@ -303,6 +316,7 @@ def predict_command(
         workers=workers,
         label_workers=label_workers,
         object_type=object_type,
+        cell_expansion_um=cell_expansion_um or 0.0,
         overwrite=overwrite,
     )
     quiet = bool((ctx.obj or {}).get("quiet"))
