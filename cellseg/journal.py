@@ -37,7 +37,7 @@ class NucleusRecord:
     """One exported nucleus.
 
     Attributes:
-        id: global instance id, the value of its pixels in the Zarr ``labels``.
+        id: global instance id, the value of its pixels in the Zarr ``labels/nuclei``.
         polygon: outline in QuPath level-0 pixel coordinates (valid at 0.01 px).
         measurements: QuPath measurements (area µm², perimeter µm, probability, ...).
         cell: the cell's outline grown from the nucleus (``--object-type cell``), or None.

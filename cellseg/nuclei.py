@@ -26,7 +26,7 @@ from .measurements import shape_measurements, stain_measurements
 from .tiling import Box
 
 PROBABILITY_KEY = "Nucleus probability"
-LABEL_KEY = "Label"  # the nucleus's id in the Zarr ``labels`` array
+LABEL_KEY = "Label"  # the nucleus's id in the Zarr ``labels/nuclei`` image
 AREA_RATIO_KEY = "Nucleus/Cell area ratio"  # QuPath's name
 DECIMALS = 5  # measurements are rounded: smaller files, and no float noise in them
 

@@ -66,7 +66,7 @@ class PredictionStore:
 
     Attributes:
         path: the group's folder.
-        has_labels: whether ``labels`` is written (only when the user asked for a Zarr).
+        has_labels: whether ``labels/nuclei`` is written (only when the user asked for a Zarr).
         has_interior: whether ``interior_probability`` exists (three-class models).
         has_pixels: whether the working ``rgb`` array exists (until :meth:`finish`).
     """
@@ -177,7 +177,7 @@ class PredictionStore:
         return self._arrays[PIXELS][y0:y1, x0:x1]
 
     def write_labels(self, box: Box, ids: np.ndarray, first_id: int) -> None:
-        """Adds a region's nuclei (``ids``: ``h×w`` uint32, 0 elsewhere) to ``labels``.
+        """Adds a region's nuclei (``ids``: ``h×w`` uint32, 0 elsewhere) to ``labels/nuclei/0``.
 
         Ids ``>= first_id`` already in the box come from an interrupted attempt at this same
         region and are cleared first, so writing a region twice gives the same array. Pixels of
