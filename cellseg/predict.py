@@ -582,7 +582,8 @@ def _predict_planned(
             progress=progress,
             on_region=on_region,
         )
-    store.finish({"nuclei": journal.next_id - 1})
+    if outputs.zarr is not None:  # else the group is only working state, removed with the journal
+        store.finish({"nuclei": journal.next_id - 1})
     if outputs.overlay is not None:
         outlines = (record.polygon for record in journal.nuclei())
         draw_overlay(
