@@ -13,18 +13,22 @@ than any nucleus, e.g. a smear of low-confidence foreground).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
 from shapely.geometry import Polygon
+from skimage.segmentation import expand_labels
 
-from .geojson import label_polygons, mask_polygon, measure_polygons
+from .geojson import label_polygons, mask_polygon
 from .instances import PostProcess, label_instances
+from .measurements import shape_measurements, stain_measurements
 from .tiling import Box
 
 PROBABILITY_KEY = "Nucleus probability"
-LABEL_KEY = "Label"  # the nucleus's id in the Zarr ``labels`` array
+LABEL_KEY = "Label"  # the nucleus's id in the Zarr ``labels/nuclei`` image
+AREA_RATIO_KEY = "Nucleus/Cell area ratio"  # QuPath's name
+DECIMALS = 5  # measurements are rounded: smaller files, and no float noise in them
 
 
 @dataclass
@@ -173,11 +177,15 @@ class RegionNuclei:
         nuclei: ``(local_label, polygon, measurements)`` of the owned nuclei with a valid
             outline, in label order; measurements lack the ``Label`` id, given at commit time.
         dropped: owned objects dropped for touching an inner window side.
+        cells: ``{local_label: cell polygon}`` when cells are asked for (``--object-type
+            cell``): the nucleus grown by ``cell_expansion_px`` without entering a neighbour's
+            growth; measurements then also hold the ``Cell: ...`` ones.
     """
 
     labels: np.ndarray | None
     nuclei: list[tuple[int, Polygon, dict[str, float]]]
     dropped: int
+    cells: dict[int, Polygon] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -193,10 +201,14 @@ class RegionJob:
     offset_xy: tuple[float, float]
     slide_mpp: float
     keep_labels: bool = True  # False spares sending the label map back when no Zarr is written
+    cell_expansion_px: int = 0  # > 0: also grow a cell around each nucleus by this distance
 
 
 def extract_region(
-    nucleus_u8: np.ndarray, interior_u8: np.ndarray | None, job: RegionJob
+    nucleus_u8: np.ndarray,
+    interior_u8: np.ndarray | None,
+    job: RegionJob,
+    rgb: np.ndarray | None = None,
 ) -> RegionNuclei:
     """Watershed of a region's window, seam ownership, outlines and measurements.
 
@@ -207,23 +219,72 @@ def extract_region(
         nucleus_u8, interior_u8: the window's stored probabilities (see
             :func:`probabilities_from_store`).
         job: geometry and parameters.
+        rgb: the window's ``h×w×3`` uint8 slide pixels at the model's resolution, for the
+            stain measurements (:mod:`cellseg.measurements`); None: shape measurements only.
     """
     probs = probabilities_from_store(nucleus_u8, interior_u8)
     labels = label_instances(probs, job.model_mpp, job.params)
     owned, dropped = owned_nuclei(labels, 1.0 - probs[0], job.window, job.core, job.canvas_hw)
-    polygons = label_polygons(
-        labels,
-        [nucleus.local_label for nucleus in owned],
-        (job.window[2], job.window[0]),
-        job.scale,
-        job.offset_xy,
+    outlines = _outlines(labels, [nucleus.local_label for nucleus in owned], job)
+    outlined = [nucleus for nucleus in owned if nucleus.local_label in outlines]
+    ids = [nucleus.local_label for nucleus in outlined]
+    values = _measure(labels, rgb, ids, outlines, job.slide_mpp, "Nucleus")
+    for nucleus, measured in zip(outlined, values, strict=True):
+        measured[PROBABILITY_KEY] = nucleus.mean_probability
+    cells: dict[int, Polygon] = {}
+    if job.cell_expansion_px > 0:
+        cells, values = _cells(labels, rgb, ids, values, job)
+    nuclei = [
+        (label, outlines[label], {k: round(v, DECIMALS) for k, v in measured.items()})
+        for label, measured in zip(ids, values, strict=True)
+    ]
+    return RegionNuclei(labels if job.keep_labels else None, nuclei, dropped, cells)
+
+
+def _outlines(labels: np.ndarray, ids: list[int], job: RegionJob) -> dict[int, Polygon]:
+    """Level-0 polygons of some labels of the window (those whose outline is not degenerate)."""
+    return label_polygons(labels, ids, (job.window[2], job.window[0]), job.scale, job.offset_xy)
+
+
+def _measure(
+    labels: np.ndarray,
+    rgb: np.ndarray | None,
+    ids: list[int],
+    outlines: dict[int, Polygon],
+    slide_mpp: float,
+    compartment: str,
+) -> list[dict[str, float]]:
+    """Shape (from the outlines) and stain (from the pixels) measurements of ``ids``."""
+    shapes = shape_measurements([outlines[i] for i in ids], slide_mpp, compartment)
+    if rgb is None:
+        return shapes
+    stains = stain_measurements(labels, rgb, ids, compartment)
+    return [{**a, **b} for a, b in zip(shapes, stains, strict=True)]
+
+
+def _cells(
+    labels: np.ndarray,
+    rgb: np.ndarray | None,
+    ids: list[int],
+    values: list[dict[str, float]],
+    job: RegionJob,
+) -> tuple[dict[int, Polygon], list[dict[str, float]]]:
+    """Cells grown from the nuclei, as QuPath's cell expansion does: every pixel within
+    ``cell_expansion_px`` of a nucleus goes to the nearest one (skimage ``expand_labels``, so
+    no two cells overlap). All nuclei of the window take part, owned or not, so a cell on a
+    region seam is bounded by its neighbours in the next region exactly as they are by it.
+    Nuclei whose cell outline is degenerate (never in practice) keep no cell."""
+    grown = expand_labels(labels, distance=job.cell_expansion_px)
+    outlines = _outlines(grown, ids, job)
+    kept = [i for i in ids if i in outlines]
+    cell_values = dict(
+        zip(kept, _measure(grown, rgb, kept, outlines, job.slide_mpp, "Cell"), strict=True)
     )
-    outlined = [nucleus for nucleus in owned if nucleus.local_label in polygons]
-    outlines = [polygons[nucleus.local_label] for nucleus in outlined]
-    nuclei = []
-    for nucleus, polygon, values in zip(
-        outlined, outlines, measure_polygons(outlines, job.slide_mpp), strict=True
-    ):
-        values[PROBABILITY_KEY] = round(nucleus.mean_probability, 4)
-        nuclei.append((nucleus.local_label, polygon, values))
-    return RegionNuclei(labels if job.keep_labels else None, nuclei, dropped)
+    merged = []
+    for label, measured in zip(ids, values, strict=True):
+        cell = cell_values.get(label, {})
+        if cell:
+            ratio = measured["Nucleus: Area µm^2"] / cell["Cell: Area µm^2"]
+            cell = {**cell, AREA_RATIO_KEY: ratio}
+        merged.append({**measured, **cell})
+    return {i: outlines[i] for i in kept}, merged

@@ -289,6 +289,8 @@ PROVENANCE_LABELS = {
     "tta": "--tta",
     "tissue_mask": "--no-tissue-mask",
     "object_type": "--object-type",
+    "cell_expansion_um": "--cell-expansion-um",
+    "format": "outputs of an older cellseg (another output format)",
     "precision": "--precision",
     "postprocess": "post-processing parameters",
     "geometry": "tiling parameters",
@@ -305,7 +307,7 @@ def provenance_differences(saved: dict[str, Any] | None, current: dict[str, Any]
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
             label = PROVENANCE_LABELS.get(key, key)
-            if key in ("input", "model", "postprocess", "geometry", "outputs"):
+            if key in ("input", "format", "model", "postprocess", "geometry", "outputs"):
                 differences.append(label)
             else:
                 differences.append(f"{label} {saved.get(key)!r} -> {current.get(key)!r}")

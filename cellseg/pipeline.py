@@ -95,6 +95,8 @@ class SlidePlan:
     model_sha256: str | None
     tta: bool = False  # the predictor averages the 8 D4 views of each tile
     precision: str = "fp32"  # the predictor's resolved precision (cellseg.precision)
+    slide_sha256: str | None = None  # content hash: seeds the GeoJSON feature ids
+    cell_expansion_px: int = 0  # > 0: cells grown from the nuclei (--object-type cell)
 
     @property
     def block_tile_counts(self) -> np.ndarray:
@@ -217,6 +219,18 @@ class _PostProcessor:
         with _timed(self.stats, "stitch_busy_s"):
             self.stitcher.add_tiles(block, tiles, probs)
 
+    def add_pixels(self, block: tuple[int, int], image: np.ndarray, origin_yx: tuple[int, int]):
+        """Keeps the block's core pixels (from its read ``image``, whose top-left is canvas
+        ``origin_yx``) for the stain measurements of the regions that see them."""
+        with _timed(self.stats, "stitch_busy_s"):
+            y0, y1, x0, x1 = self.layout.block_core(*block)
+            oy, ox = origin_yx
+            y0, x0 = max(y0, oy), max(x0, ox)
+            y1, x1 = min(y1, oy + image.shape[0]), min(x1, ox + image.shape[1])
+            if y1 > y0 and x1 > x0:
+                crop = image[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+                self.store.write_pixels((y0, y1, x0, x1), crop)
+
     def finish_block(self, block: tuple[int, int]) -> None:
         with _timed(self.stats, "stitch_busy_s"):
             cells = self.stitcher.finish_block(block)
@@ -272,11 +286,13 @@ class _PostProcessor:
             offset_xy=plan.qupath_offset_xy,
             slide_mpp=plan.slide_mpp,
             keep_labels=self.store.has_labels,
+            cell_expansion_px=plan.cell_expansion_px,
         )
         nucleus_u8, interior_u8 = self.store.read_probabilities(window)
+        rgb = self.store.read_pixels(window)
         if self.pool is None:
-            return extract_region(nucleus_u8, interior_u8, job)
-        return self.pool.submit(extract_region, nucleus_u8, interior_u8, job)
+            return extract_region(nucleus_u8, interior_u8, job, rgb)
+        return self.pool.submit(extract_region, nucleus_u8, interior_u8, job, rgb)
 
     def _commit_next(self) -> None:
         """Gives the oldest region's nuclei their ids and writes them everywhere, in order."""
@@ -293,11 +309,10 @@ class _PostProcessor:
         records: list[NucleusRecord] = []
         dropped = 0
         if result is not None:
-            for offset, (_, polygon, measurements) in enumerate(result.nuclei):
+            for offset, (local, polygon, measurements) in enumerate(result.nuclei):
                 label_id = first_id + offset
-                records.append(
-                    NucleusRecord(label_id, polygon, {**measurements, LABEL_KEY: label_id})
-                )
+                values = {**measurements, LABEL_KEY: label_id}
+                records.append(NucleusRecord(label_id, polygon, values, result.cells.get(local)))
             if result.labels is not None:
                 lut = np.zeros(int(result.labels.max()) + 1, dtype=np.uint32)
                 for record, (local, _, _) in zip(records, result.nuclei, strict=True):
@@ -307,11 +322,25 @@ class _PostProcessor:
             dropped = result.dropped
         if self.writer is not None:
             for record in records:
-                self.writer.write(record.polygon, record.measurements)
+                write_feature(self.writer, record)
         counters = dict(self.journal.counters)
         counters["dropped"] = counters.get("dropped", 0) + dropped
         counters["seconds"] = self.base_seconds + time.monotonic() - self.started
         self.journal.record_region(records, first_id + len(records), counters)
+
+
+def feature_key(record: NucleusRecord) -> str:
+    """What identifies a nucleus within its slide's results, for its GeoJSON feature id: its
+    label id and the integer centre of its outline's bounds (exact: vertices are on the 0.01
+    grid), so that two runs of the same slide and options give the same ids, and nuclei of
+    different runs only share an id when they are the same nucleus at the same place."""
+    x0, y0, x1, y1 = record.polygon.bounds
+    return f"{record.id}:{math.floor((x0 + x1) / 2)},{math.floor((y0 + y1) / 2)}"
+
+
+def write_feature(writer: GeoJSONWriter, record: NucleusRecord) -> None:
+    """Writes a committed nucleus (and its cell, if any) as one Feature."""
+    writer.write(record.polygon, record.measurements, cell=record.cell, key=feature_key(record))
 
 
 def _is_done(pending: Any) -> bool:
@@ -623,6 +652,7 @@ def run_pipeline(
                         key, image = next(images)
                     if key != job.block:
                         raise RuntimeError(f"read-ahead out of order: {key} != {job.block}")
+                    thread.put(("add_pixels", job.block, image, job.origin_yx))
                 batcher.add_block(job.block, job.tiles, image, job.origin_yx)
             batcher.flush()
             last_batch_done = time.perf_counter()

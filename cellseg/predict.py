@@ -4,7 +4,7 @@
 benchmarks). It opens the slide, decides the canvas at the model's mpp, the tiles and which of
 them touch tissue (:func:`plan_slide`), opens or resumes the slide's journal and partial Zarr,
 runs the concurrent stages of :mod:`cellseg.pipeline`, and finally moves every output to its
-name: GeoJSON for QuPath, Zarr v3 (``probability``, ``labels``), overlay picture, JSON summary.
+name: GeoJSON for QuPath, OME-Zarr (probability and label pyramids), overlay picture, JSON summary.
 
 A run that is killed resumes from its journal (:mod:`cellseg.journal`): regions are committed in
 raster order, so the completed ones are a prefix, and only the blocks that unfinished regions
@@ -33,7 +33,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CellsegError, OutputError, SlideError
-from .geojson import OBJECT_TYPES, GeoJSONWriter
+from .geojson import OBJECT_TYPES, GeoJSONWriter, feature_namespace
 from .instances import PostProcess
 from .journal import Journal, _test_hook, remove_work_dir
 from .outputs import (
@@ -55,6 +55,7 @@ from .pipeline import (
     default_label_workers,
     default_workers,
     run_pipeline,
+    write_feature,
 )
 from .readahead import RegionReader, SlideSource
 from .slide import Slide, open_slide
@@ -64,7 +65,10 @@ from .tissue import tissue_area_mm2, tissue_mask
 
 log = logging.getLogger(__name__)
 
-ZARR_FORMAT_VERSION = 1
+ZARR_FORMAT_VERSION = 2  # 2: OME-NGFF 0.4 layout (Zarr v2); 1 was a flat Zarr v3 group
+# Recorded in the provenance: outputs of an older layout (flat Zarr v3, ``Area µm^2``
+# measurements, random feature ids) are not "the same run", so they are not skipped.
+OUTPUT_FORMAT = ZARR_FORMAT_VERSION
 
 
 @dataclass
@@ -91,6 +95,8 @@ class PredictOptions:
             memory.
         halo_um: context around a region for instance extraction (> 2 nucleus diameters).
         object_type: GeoJSON ``objectType``: detection, cell or annotation.
+        cell_expansion_um: with ``object_type="cell"``, how far each cell grows from its nucleus
+            (QuPath's "cell expansion", whose default is 5 µm); 0: the cell is the nucleus.
         postprocess: watershed parameters; None: the model's own (``meta["postprocess"]``).
         overwrite: replace existing outputs (otherwise they are an error).
         chunk_px: Zarr chunk side; None: the block size, so that each block's probabilities are
@@ -112,6 +118,7 @@ class PredictOptions:
     region_px: int = 1024
     halo_um: float = 32.0
     object_type: str = "detection"
+    cell_expansion_um: float = 0.0
     postprocess: PostProcess | None = None
     overwrite: bool = False
     chunk_px: int | None = None
@@ -122,6 +129,15 @@ class PredictOptions:
     def __post_init__(self) -> None:
         if self.object_type not in OBJECT_TYPES:
             raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {self.object_type!r}")
+        if self.cell_expansion_um < 0 or not math.isfinite(self.cell_expansion_um):
+            raise ValueError(f"cell_expansion_um must be >= 0, got {self.cell_expansion_um}")
+        if self.cell_expansion_um > 0 and self.object_type != "cell":
+            raise ValueError("cell_expansion_um needs object_type='cell'")
+        if self.cell_expansion_um > self.halo_um / 2:
+            raise ValueError(
+                f"cell_expansion_um must be at most half the halo ({self.halo_um / 2:g} µm), "
+                f"got {self.cell_expansion_um:g}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.chunk_px is not None and self.chunk_px < 1:
@@ -136,7 +152,7 @@ class SlideOutputs:
 
     Attributes:
         geojson: nuclei as a QuPath FeatureCollection (``.geojson`` or ``.geojson.gz``).
-        zarr: Zarr v3 group with ``probability`` and ``labels``.
+        zarr: OME-Zarr image (NGFF 0.4): probability pyramid, ``labels/nuclei`` pyramid.
         overlay: downsampled picture with the outlines (``.png``, ``.jpg``, ``.tif``).
         summary: JSON run summary.
     """
@@ -308,6 +324,7 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
     else:
         tile_mask = np.ones(layout.n_tiles_yx, dtype=bool)
     name, sha = _model_identity(predictor, options)
+    cell_px = round(options.cell_expansion_um / model_mpp) if options.object_type == "cell" else 0
     return SlidePlan(
         slide_path=Path(slide.path),
         slide_mpp=slide.mpp,
@@ -327,6 +344,8 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
         model_sha256=sha,
         tta=bool(getattr(predictor, "tta", False)),
         precision=str(getattr(predictor, "precision", "fp32")),
+        slide_sha256=_file_sha256(Path(slide.path)) if Path(slide.path).is_file() else None,
+        cell_expansion_px=cell_px,
     )
 
 
@@ -349,6 +368,7 @@ def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs
         "regions": "block cores shifted up and left by halo_px",
         "tissue": [options.tissue_mask, options.tissue_mpp],
         "postprocess": plan.postprocess.to_dict(),
+        "cell_expansion_px": plan.cell_expansion_px,  # the journal holds the cells' outlines
         "zarr": str(outputs.zarr_partial.resolve()),
         "with_labels": outputs.zarr is not None,
     }
@@ -361,6 +381,7 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
         "cellseg_zarr_format": ZARR_FORMAT_VERSION,
         "cellseg_version": __version__,
         "slide": str(plan.slide_path),
+        "slide_sha256": plan.slide_sha256,
         "mpp": plan.model_mpp,
         "slide_mpp": plan.slide_mpp,
         "mpp_source": plan.mpp_source,
@@ -388,8 +409,10 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
             "blending": "taper-weighted mean (cellseg.inference.blend_weights)",
             "ownership": "nucleus kept by the region containing its centroid",
         },
-        "probability": "nucleus probability (p_interior + p_boundary) x 255, uint8",
-        "labels": "instance ids, uint32, 0 = background; = GeoJSON measurement 'Label'",
+        "probability": "levels 0, 1, ...: nucleus probability (p_interior + p_boundary) x 255, "
+        "uint8, OME-NGFF multiscales",
+        "labels": "labels/nuclei/0, 1, ...: instance ids, uint32, 0 = background; "
+        "= GeoJSON measurement 'Label'",
     }
 
 
@@ -456,6 +479,7 @@ def _summary(
     layout = plan.layout
     return {
         "slide": str(plan.slide_path),
+        "slide_sha256": plan.slide_sha256,
         "backend": plan.backend,
         "slide_mpp": plan.slide_mpp,
         "mpp_source": plan.mpp_source,
@@ -548,11 +572,14 @@ def _predict_planned(
     with contextlib.ExitStack() as stack:
         writer = None
         if outputs.geojson is not None:
+            namespace = feature_namespace(plan.slide_sha256) if plan.slide_sha256 else None
             writer = stack.enter_context(
-                GeoJSONWriter(outputs.geojson, options.object_type, publish=False)
+                GeoJSONWriter(
+                    outputs.geojson, options.object_type, id_namespace=namespace, publish=False
+                )
             )
             for record in journal.nuclei():  # replay what an interrupted run committed
-                writer.write(record.polygon, record.measurements)
+                write_feature(writer, record)
         stats.pipeline = run_pipeline(
             plan,
             predictor,
@@ -564,7 +591,8 @@ def _predict_planned(
             progress=progress,
             on_region=on_region,
         )
-    store.finish({"nuclei": journal.next_id - 1})
+    if outputs.zarr is not None:  # else the group is only working state, removed with the journal
+        store.finish({"nuclei": journal.next_id - 1})
     if outputs.overlay is not None:
         outlines = (record.polygon for record in journal.nuclei())
         draw_overlay(
@@ -604,13 +632,18 @@ def run_provenance(
     own provenance is the same (:func:`cellseg.outputs.provenance_differences`)."""
     name, sha = _model_identity(predictor, options)
     return {
+        # Size and sampled content: cheap enough to check before every skip. The full SHA-256
+        # that seeds the feature ids (``SlidePlan.slide_sha256``) is another hash, computed
+        # only when the slide is actually predicted (a skip must not read a multi-GB slide).
         "input": file_identity(slide_path),
+        "format": OUTPUT_FORMAT,
         "model": [sha or name, float(predictor.mpp), int(predictor.num_classes)],
         "mpp": options.mpp,
         "roi": list(options.roi_xywh) if options.roi_xywh else None,
         "tta": bool(getattr(predictor, "tta", False)),
         "tissue_mask": options.tissue_mask,
         "object_type": options.object_type,
+        "cell_expansion_um": options.cell_expansion_um,
         "precision": _precision_of(predictor, options),
         "postprocess": _postprocess_for(predictor, options).to_dict(),
         "geometry": [

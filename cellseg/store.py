@@ -1,20 +1,31 @@
-"""The Zarr v3 group that whole-slide prediction writes, region by region.
+"""The OME-Zarr (OME-NGFF 0.4, Zarr v2) image that whole-slide prediction writes, region by region.
 
-Arrays, all ``y×x`` at the model's resolution (the *canvas* of :mod:`cellseg.tiling`), chunked
-``chunk_px²`` and compressed (Blosc zstd with bit-shuffle, which suits both probabilities and
-sparse instance ids). With ``chunk_px`` equal to the block size (``predict``'s default) each
-block's probabilities are whole chunks, written once and never read back
-(:meth:`PredictionStore.write_cells`):
+Layout (all arrays ``y×x`` at the model's resolution, the *canvas* of :mod:`cellseg.tiling`,
+chunked ``chunk_px²`` and compressed with Blosc zstd + bit-shuffle, which suits both
+probabilities and sparse instance ids)::
 
-* ``probability``: uint8 nucleus probability ``(p1 + p2)·255`` (``1 - p0``), rounded;
-* ``labels``: uint32 instance ids, 0 = background; id ``k`` is the GeoJSON feature whose
-  ``Label`` measurement is ``k``;
-* ``interior_probability``: uint8 ``p1·255``, a working array of three-class models that the
-  halo of each region is re-labelled from; deleted when the slide is complete.
+    slide.zarr/                 multiscales: the nucleus probability pyramid
+        0, 1, 2, ...            uint8 ``(p1 + p2)·255`` (``1 - p0``), rounded; level k is
+                                level 0 downsampled 2^k times (2×2 means)
+        labels/nuclei/0, 1, ... uint32 instance ids, 0 = background (image-label); id ``k`` is
+                                the GeoJSON feature whose ``Label`` measurement is ``k``;
+                                levels by nearest-neighbour (ids are never blended)
 
-The group's attributes describe the geometry (``mpp``, ``scale_to_level0``, ``origin_xy_level0``,
-``bounds_xy``, ...), the model and the tiling, and ``complete`` (false while being written).
-Nothing larger than a region's window is ever held in memory.
+NGFF 0.4 (Zarr v2, ``/`` chunk keys) is the version that napari-ome-zarr, QuPath's OME-Zarr
+reader (Bio-Formats) and ome-zarr-py all open today (docs/NOTES.md, "OME-Zarr"). Axes are
+``y, x`` in micrometres; level k's ``scale`` is ``mpp·2^k``.
+
+While the slide is written, level 0 only exists, plus working arrays deleted at the end:
+``interior_probability`` (uint8 ``p1·255`` of three-class models, that each region's halo is
+re-labelled from) and ``rgb`` (the slide's pixels at the model's resolution, ``y×x×3`` uint8,
+for the nucleus measurements of :mod:`cellseg.measurements`). With ``chunk_px`` equal to the
+block size (``predict``'s default) each block's probabilities are whole chunks, written once
+(:meth:`PredictionStore.write_cells`). The pyramid levels are built by :meth:`finish`, chunk by
+chunk from the level below, so nothing larger than a region's window is ever held in memory.
+
+The group's attributes keep cellseg's provenance and geometry (``mpp``, ``scale_to_level0``,
+``origin_xy_level0``, ``bounds_xy``, ...) beside ``multiscales``, and ``complete`` (false while
+being written).
 """
 
 from __future__ import annotations
@@ -24,16 +35,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
+from .journal import _test_hook
 from .tiling import Box
 
-PROBABILITY = "probability"
-LABELS = "labels"
-INTERIOR = "interior_probability"
-_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+NGFF_VERSION = "0.4"
+LABEL_NAME = "nuclei"
+PROBABILITY = "0"  # level 0 of the image pyramid
+LABELS = f"labels/{LABEL_NAME}/0"  # level 0 of the label pyramid
+INTERIOR = "interior_probability"  # working arrays, deleted by finish()
+PIXELS = "rgb"
+WORKING_ARRAYS = (INTERIOR, PIXELS)
+MIN_LEVEL_PX = 256  # the pyramid goes down until the longest side is at most this
+_COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+# The working rgb array is written once and read a few times: speed over size.
+_FAST_COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=1, shuffle=numcodecs.Blosc.NOSHUFFLE)
+_CHUNK_KEYS = {"name": "v2", "separator": "/"}  # NGFF 0.4 nested chunk keys
 
 
 def to_uint8(probability: np.ndarray) -> np.ndarray:
@@ -46,8 +66,9 @@ class PredictionStore:
 
     Attributes:
         path: the group's folder.
-        has_labels: whether ``labels`` is written (only when the user asked for a Zarr).
+        has_labels: whether ``labels/nuclei`` is written (only when the user asked for a Zarr).
         has_interior: whether ``interior_probability`` exists (three-class models).
+        has_pixels: whether the working ``rgb`` array exists (until :meth:`finish`).
     """
 
     def __init__(self, path: Path, group: zarr.Group) -> None:
@@ -55,10 +76,13 @@ class PredictionStore:
         self.group = group
         # Opened once: looking an array up in the group reads its metadata from disk each time.
         self._arrays = {
-            name: group[name] for name in (PROBABILITY, LABELS, INTERIOR) if name in group
+            name: group[name]
+            for name in (PROBABILITY, LABELS, INTERIOR, PIXELS)
+            if _has(group, name)
         }
         self.has_labels = LABELS in self._arrays
         self.has_interior = INTERIOR in self._arrays
+        self.has_pixels = PIXELS in self._arrays
 
     @classmethod
     def create(
@@ -73,7 +97,7 @@ class PredictionStore:
     ) -> PredictionStore:
         """A new, empty group at ``path`` (replacing whatever was there)."""
         shutil.rmtree(path, ignore_errors=True)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group = zarr.open_group(str(path), mode="w", zarr_format=2)
         chunks = (min(chunk_px, canvas_hw[0]), min(chunk_px, canvas_hw[1]))
         names = [(PROBABILITY, "uint8")]
         if with_labels:
@@ -81,15 +105,9 @@ class PredictionStore:
         if num_classes == 3:
             names.append((INTERIOR, "uint8"))
         for name, dtype in names:
-            group.create_array(
-                name,
-                shape=canvas_hw,
-                chunks=chunks,
-                dtype=dtype,
-                fill_value=0,
-                compressors=_COMPRESSOR,
-                dimension_names=("y", "x"),
-            )
+            _create(group, name, canvas_hw, chunks, dtype)
+        # White outside the tissue tiles that are read: optical density 0 there.
+        _create(group, PIXELS, (*canvas_hw, 3), (*chunks, 3), "uint8", 255, _FAST_COMPRESSOR)
         group.attrs.update({**(attrs or {}), "complete": False})
         return cls(path, group)
 
@@ -97,7 +115,7 @@ class PredictionStore:
     def open(cls, path: Path, canvas_hw: tuple[int, int]) -> PredictionStore | None:
         """Reopens a partial group for resuming; None when missing or of another shape."""
         try:
-            group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+            group = zarr.open_group(str(path), mode="r+", zarr_format=2)
             if tuple(group[PROBABILITY].shape) != tuple(canvas_hw):
                 return None
         except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
@@ -145,8 +163,21 @@ class PredictionStore:
         interior = self._arrays[INTERIOR][y0:y1, x0:x1] if self.has_interior else None
         return nucleus, interior
 
+    def write_pixels(self, box: Box, rgb: np.ndarray) -> None:
+        """Stores the slide's ``h×w×3`` uint8 pixels of a canvas box (the working ``rgb``)."""
+        if self.has_pixels:
+            y0, y1, x0, x1 = box
+            self._arrays[PIXELS][y0:y1, x0:x1] = rgb
+
+    def read_pixels(self, box: Box) -> np.ndarray | None:
+        """The slide's ``h×w×3`` uint8 pixels of a canvas box (white where none were read)."""
+        if not self.has_pixels:
+            return None
+        y0, y1, x0, x1 = box
+        return self._arrays[PIXELS][y0:y1, x0:x1]
+
     def write_labels(self, box: Box, ids: np.ndarray, first_id: int) -> None:
-        """Adds a region's nuclei (``ids``: ``h×w`` uint32, 0 elsewhere) to ``labels``.
+        """Adds a region's nuclei (``ids``: ``h×w`` uint32, 0 elsewhere) to ``labels/nuclei/0``.
 
         Ids ``>= first_id`` already in the box come from an interrupted attempt at this same
         region and are cleared first, so writing a region twice gives the same array. Pixels of
@@ -163,15 +194,177 @@ class PredictionStore:
         array[y0:y1, x0:x1] = current
 
     def finish(self, attrs: dict[str, Any]) -> None:
-        """Drops the working array and marks the group complete."""
-        if self.has_interior:
-            del self._arrays[INTERIOR]
-            del self.group[INTERIOR]
-            self.has_interior = False
-        # Deleting an array removes its metadata first: a run killed meanwhile leaves its chunk
-        # folder behind, which a resumed run no longer sees as an array. Remove it by name.
-        shutil.rmtree(self.path / INTERIOR, ignore_errors=True)
-        self.group.attrs.update({**attrs, "complete": True})
+        """Drops the working arrays, builds the pyramids and their NGFF metadata, removes
+        anything else, and marks the group complete.
+
+        Redone from the start by a resumed run when interrupted: the pyramid levels are rebuilt
+        and whatever a killed attempt left behind is removed, so that the finished group holds
+        exactly level ``0, 1, ...`` and ``labels/nuclei/0, 1, ...`` (issue 13).
+        """
+        for name in WORKING_ARRAYS:
+            if name in self._arrays:
+                del self._arrays[name]
+                del self.group[name]
+        self.has_interior = self.has_pixels = False
+        mpp = self.group.attrs.get("mpp")
+        image_paths = build_pyramid(self.group, downsample_mean)
+        self.group.attrs.update(
+            {**attrs, "multiscales": multiscales(image_paths, mpp, "nucleus probability", "mean")}
+        )
+        keep = {*image_paths}
+        _test_hook("zarr-finishing")
+        if self.has_labels:
+            labels = self.group[f"labels/{LABEL_NAME}"]
+            label_paths = build_pyramid(labels, downsample_nearest)
+            labels.attrs.update(
+                {
+                    "multiscales": multiscales(label_paths, mpp, LABEL_NAME, "nearest"),
+                    "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
+                }
+            )
+            self.group["labels"].attrs["labels"] = [LABEL_NAME]
+            keep.add("labels")
+            _remove_strays(self.path / "labels", {LABEL_NAME})
+            _remove_strays(self.path / "labels" / LABEL_NAME, set(label_paths))
+        _remove_strays(self.path, keep)
+        self.group.attrs["complete"] = True
+
+
+# ------------------------------------------------------------------------------------ pyramid
+
+
+def _has(group: zarr.Group, name: str) -> bool:
+    try:
+        group[name]
+    except KeyError:
+        return False
+    return True
+
+
+_ZARR_V2_METADATA = {".zgroup", ".zattrs", ".zarray"}
+
+
+def _remove_strays(folder: Path, keep: set[str]) -> None:
+    """Deletes every entry of a group's folder but its Zarr v2 metadata files and ``keep``.
+
+    Deleting an array removes its metadata before its chunks: a run killed meanwhile leaves a
+    chunk folder that no longer reads as an array (``interior_probability/`` or ``rgb/``, tens
+    of MB on the CMU region), which zarr then ignores and only removal by name finds.
+    """
+    for entry in folder.iterdir():
+        if entry.name in keep or entry.name in _ZARR_V2_METADATA:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _create(
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: str,
+    fill_value: int = 0,
+    compressor: numcodecs.abc.Codec = _COMPRESSOR,
+) -> zarr.Array:
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=fill_value,
+        compressors=compressor,
+        chunk_key_encoding=_CHUNK_KEYS,
+    )
+
+
+def downsample_mean(block: np.ndarray) -> np.ndarray:
+    """``h×w`` uint8 -> ``ceil(h/2)×ceil(w/2)``: rounded means of 2×2 pixels (of fewer on an
+    odd edge)."""
+    h, w = block.shape
+    padded = np.pad(block.astype(np.uint16), ((0, h % 2), (0, w % 2)))
+    sums = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).sum(axis=(1, 3))
+    counts = np.pad(np.ones((h, w), np.uint8), ((0, h % 2), (0, w % 2)))
+    n = counts.reshape(sums.shape[0], 2, sums.shape[1], 2).sum(axis=(1, 3))
+    return ((sums + n // 2) // n).astype(block.dtype)
+
+
+def downsample_nearest(block: np.ndarray) -> np.ndarray:
+    """``h×w`` label ids -> ``ceil(h/2)×ceil(w/2)``: the top-left pixel of each 2×2 (ids must
+    not be averaged; ome-zarr-py's labels are downsampled by nearest neighbour too)."""
+    return block[::2, ::2]
+
+
+def pyramid_shapes(shape_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """Level shapes: halved (rounded up) until the longest side is at most ``MIN_LEVEL_PX``,
+    and at least one downsampled level, so that every output is a pyramid."""
+    shapes = [tuple(shape_hw)]
+    while len(shapes) < 2 or max(shapes[-1]) > MIN_LEVEL_PX:
+        h, w = shapes[-1]
+        if max(h, w) <= 1:
+            break
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def build_pyramid(group: zarr.Group, downsample) -> list[str]:
+    """Adds levels ``1, 2, …`` to a group whose level ``0`` is written; returns the paths.
+
+    Each level is computed chunk by chunk from the 2× larger window of the level below, so
+    memory is a few chunks whatever the slide's size.
+    """
+    base = group["0"]
+    shapes = pyramid_shapes(tuple(base.shape))
+    chunks = tuple(base.chunks)
+    for level in range(1, len(shapes)):
+        below = group[str(level - 1)]
+        shape = shapes[level]
+        if _has(group, str(level)):  # a finish() that was interrupted: build the level again
+            del group[str(level)]
+        target = _create(
+            group,
+            str(level),
+            shape,
+            tuple(min(c, s) for c, s in zip(chunks, shape, strict=True)),
+            str(base.dtype),
+        )
+        step_y, step_x = target.chunks
+        for y0 in range(0, shape[0], step_y):
+            for x0 in range(0, shape[1], step_x):
+                window = below[2 * y0 : 2 * (y0 + step_y), 2 * x0 : 2 * (x0 + step_x)]
+                target[y0 : y0 + step_y, x0 : x0 + step_x] = downsample(window)
+    return [str(level) for level in range(len(shapes))]
+
+
+def multiscales(
+    paths: Sequence[str], mpp: float | None, name: str, method: str
+) -> list[dict[str, Any]]:
+    """NGFF 0.4 ``multiscales`` of a ``y, x`` pyramid whose level k is downsampled 2^k times.
+
+    Axes are in micrometres when ``mpp`` (level 0's µm per pixel) is known, else in pixels
+    (scale ``2^k``, no unit).
+    """
+    unit = {"unit": "micrometer"} if mpp else {}
+    pixel = float(mpp) if mpp else 1.0
+    return [
+        {
+            "version": NGFF_VERSION,
+            "name": name,
+            "axes": [{"name": axis, "type": "space", **unit} for axis in ("y", "x")],
+            "datasets": [
+                {
+                    "path": path,
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": [pixel * 2**level, pixel * 2**level]}
+                    ],
+                }
+                for level, path in enumerate(paths)
+            ],
+            "type": method,  # how each level was downsampled from the one below
+        }
+    ]
 
 
 def _bounding_box(boxes: Sequence[Box]) -> Box:

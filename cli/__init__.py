@@ -1,1 +1,1 @@
-"""Command-line front end of cellseg (click); the library lives in ``cellseg``."""
+"""Command-line front end of cellseg (click), installed as ``cellseg.cli``."""

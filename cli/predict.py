@@ -285,7 +285,7 @@ def _interrupted(scheduler, current) -> None:
     "zarr_path",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Zarr v3 group with probability and labels (single slide).",
+    help="OME-Zarr image (NGFF 0.4): probability pyramid, nuclei in labels/ (single slide).",
 )
 @click.option(
     "--overlay",
@@ -361,7 +361,15 @@ def _interrupted(scheduler, current) -> None:
     type=click.Choice(OBJECT_TYPES),
     default="detection",
     show_default=True,
-    help="QuPath object type of each nucleus.",
+    help="QuPath object type of each nucleus (cell: a cell grown around each nucleus, "
+    "see --cell-expansion-um).",
+)
+@click.option(
+    "--cell-expansion-um",
+    type=click.FloatRange(min=0, max=16),
+    default=None,
+    help="With --object-type cell: how far each cell grows from its nucleus, without "
+    "overlapping its neighbours (QuPath's cell expansion). Default: 5.",
 )
 @click.option(
     "--overwrite",
@@ -395,6 +403,7 @@ def predict_command(
     tta,
     precision,
     object_type,
+    cell_expansion_um,
     overwrite,
 ):
     """Segment the nuclei of one or more whole-slide images.
@@ -414,6 +423,10 @@ def predict_command(
       cellseg predict --slides cohort.csv --out-dir results/ --scheduler tcp://head:8786
       cellseg predict 'cohort/**/*.svs' --out-dir results/ --shard 0/8
     """
+    if cell_expansion_um is not None and object_type != "cell":
+        fail("--cell-expansion-um needs --object-type cell")
+    if object_type == "cell" and cell_expansion_um is None:
+        cell_expansion_um = 5.0  # QuPath's default cell expansion
     quiet = bool((ctx.obj or {}).get("quiet"))
     everything, mine = _slide_list(slides, slide_list, shard, quiet)
     explicit = _check_outputs(everything, out_dir, geojson, zarr_path, overlay, summary, overlays)
@@ -432,6 +445,7 @@ def predict_command(
         workers=workers,
         label_workers=label_workers,
         object_type=object_type,
+        cell_expansion_um=cell_expansion_um or 0.0,
         overwrite=overwrite,
     )
     progress = sys.stderr.isatty() and not quiet and scheduler is None

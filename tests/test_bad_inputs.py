@@ -14,14 +14,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import cellseg.cli.predict as cli_predict
 import pytest
+from cellseg.cli.main import cellseg
 from click.testing import CliRunner
 from oracle import DiscOracle, disc_image
 from PIL import Image
 from slides import make_pyramid_tiff
-
-import cli.predict as cli_predict
-from cli.main import cellseg
 
 SHARED_BROKEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "broken"
 CMU = Path(__file__).resolve().parent / "data" / "CMU-1-Small-Region.svs"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cellseg.cli.predict as cli_predict
 import pytest
+from cellseg.cli.main import cellseg
 from click.testing import CliRunner
 from oracle import DiscOracle, disc_image
 from slides import make_pyramid_tiff
 
-import cli.predict as cli_predict
 from cellseg.batch import read_cohort
-from cli.main import cellseg
 
 
 def run(*args: str):

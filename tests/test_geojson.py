@@ -19,6 +19,7 @@ from cellseg.geojson import (
     AREA_KEY,
     PERIMETER_KEY,
     GeoJSONWriter,
+    feature_namespace,
     label_polygons,
     mask_polygon,
     measure_polygons,
@@ -436,3 +437,28 @@ def test_gis_and_jts_style_readers_load_every_geometry(
     assert shapely.is_valid(reduced).all()
     assert not shapely.is_empty(reduced).any()
     assert np.allclose(shapely.area(reduced), shapely.area(frame.geometry.to_numpy()))
+
+
+def test_keyed_ids_are_uuid5_of_the_slide_and_the_nucleus(tmp_path: Path, nuclei) -> None:
+    a, b = feature_namespace("ab" * 32), feature_namespace("cd" * 32)
+    runs = []
+    for name, namespace in (("1", a), ("2", a), ("3", b)):
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "n.geojson.gz"
+        with GeoJSONWriter(path, id_namespace=namespace) as writer:
+            ids = [writer.write(p, {"x": 1.5}, key=f"{i}") for i, p in enumerate(nuclei[:5])]
+        runs.append((path.read_bytes(), ids))
+    assert runs[0] == runs[1]  # byte-identical, gzip header included
+    assert runs[0][1][0] == str(uuid.uuid5(a, "0")) and uuid.UUID(runs[0][1][0]).version == 5
+    assert not set(runs[0][1]) & set(runs[2][1])  # another slide: other ids
+
+
+def test_a_cell_has_its_own_geometry_and_the_nucleus_geometry(tmp_path: Path, nuclei) -> None:
+    path = tmp_path / "cells.geojson"
+    nucleus = nuclei[0]
+    cell = nucleus.buffer(3, join_style="mitre")
+    with GeoJSONWriter(path, object_type="cell") as writer:
+        writer.write(nucleus, {}, cell=cell)
+    (feature,) = json.loads(path.read_text())["features"]
+    assert Polygon(feature["nucleusGeometry"]["coordinates"][0]).equals(nucleus)
+    assert Polygon(feature["geometry"]["coordinates"][0]).equals(snap_polygon(cell))

@@ -28,6 +28,7 @@ from slides import make_pyramid_tiff
 
 from cellseg.journal import TEST_KILL_ENV
 from cellseg.predict import PredictOptions, SlideOutputs, predict_slide
+from cellseg.store import pyramid_shapes
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -113,23 +114,29 @@ def assert_complete_and_equal(reference: Path, out: Path) -> None:
     assert features(out / "n.geojson") == features(reference / "n.geojson")
     group = zarr.open_group(str(out / "n.zarr"), mode="r")
     assert group.attrs["complete"] is True
-    assert sorted(p.name for p in (out / "n.zarr").iterdir()) == [
-        "labels",
-        "probability",
-        "zarr.json",
-    ]  # exactly its arrays: no stray working array
+    levels = [str(level) for level in range(len(pyramid_shapes(group["0"].shape)))]
+    # Exactly its arrays: the pyramids, no stray working array (rgb, interior_probability).
+    assert sorted(p.name for p in (out / "n.zarr").iterdir()) == sorted(
+        [".zattrs", ".zgroup", "labels", *levels]
+    )
+    labels_dir = out / "n.zarr" / "labels" / "nuclei"
+    assert sorted(p.name for p in labels_dir.iterdir()) == sorted([".zattrs", ".zgroup", *levels])
     expected = zarr.open_group(str(reference / "n.zarr"), mode="r")
-    for name in ("labels", "probability"):
-        np.testing.assert_array_equal(group[name][:], expected[name][:])
+    assert dict(group.attrs)["multiscales"] == dict(expected.attrs)["multiscales"]
+    for level in levels:
+        for name in (level, f"labels/nuclei/{level}"):
+            np.testing.assert_array_equal(group[name][:], expected[name][:])
     summary = json.loads((out / "s.json").read_text())
     assert summary["nuclei"] == json.loads((reference / "s.json").read_text())["nuclei"]
     assert (out / "o.png").stat().st_size > 0
 
 
-# Kill points in the order a run reaches them; outputs are renamed geojson, overlay, summary,
+# Kill points in the order a run reaches them (zarr-finishing: working arrays deleted, image
+# pyramid built, label pyramid not yet); outputs are renamed geojson, overlay, summary,
 # zarr, then the provenance.
 KILL_POINTS = [
     "region:2",
+    "zarr-finishing",
     "staged",
     "published:n.geojson",
     "published:n.zarr",
@@ -138,7 +145,7 @@ KILL_POINTS = [
 ]
 # The default suite kills mid-run, between two renames and during the clean-up; -m slow adds
 # the others.
-DEFAULT_POINTS = ("region:2", "published:n.geojson", "journal-removed")
+DEFAULT_POINTS = ("region:2", "zarr-finishing", "published:n.geojson", "journal-removed")
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +231,10 @@ def test_workers_ignore_ctrl_c():
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(slide, tmp_path, monkeypatch):
-    import cli.predict as cli_predict
+    import cellseg.cli.predict as cli_predict
+    from cellseg.cli.main import cellseg
+
     from cellseg import predict
-    from cli.main import cellseg
 
     class Interrupted(DiscOracle):
         def __call__(self, tiles):
@@ -246,7 +254,7 @@ def test_sigterm_is_handled_like_ctrl_c():
     code = textwrap.dedent(
         """
         import os, signal, time, click
-        from cli.common import user_errors
+        from cellseg.cli.common import user_errors
 
         @click.command()
         @user_errors

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import shapely
 import zarr
-from oracle import DiscOracle, QuarterOracle, disc_image, seam_centres
+from oracle import INTERIOR_RGB, RIM_RGB, DiscOracle, QuarterOracle, disc_image, seam_centres
 from slides import make_pyramid_tiff
 
 from cellseg import predict as predict_module
@@ -27,6 +27,7 @@ from cellseg.errors import CellsegError, SlideError
 from cellseg.geojson import mask_polygon
 from cellseg.instances import PostProcess
 from cellseg.journal import Journal
+from cellseg.measurements import stain_amounts
 from cellseg.predict import PredictOptions, SlideOutputs, predict_slide
 from cellseg.slide import open_slide
 from cellseg.store import to_uint8
@@ -78,7 +79,7 @@ def test_seam_discs_are_found_once_and_never_cut(seam_slide, seam_run):
     out, summary = seam_run
     n_discs = int(truth.max())
     assert n_discs > 150 and summary["nuclei"] == n_discs
-    labels = zarr.open_group(str(out / "n.zarr"), mode="r")["labels"][:]
+    labels = zarr.open_group(str(out / "n.zarr"), mode="r")["labels/nuclei/0"][:]
     np.testing.assert_array_equal(labels > 0, truth > 0)
     found = by_label(out / "n.geojson")
     assert sorted(found) == list(range(1, n_discs + 1))  # ids 1..n, no gaps, no repeats
@@ -104,7 +105,7 @@ def test_seams_really_cross_the_discs(seam_slide):
 def test_probability_map_equals_the_oracle_on_the_whole_slide(seam_slide, seam_run):
     _, truth = seam_slide
     out, _ = seam_run
-    probability = zarr.open_group(str(out / "n.zarr"), mode="r")["probability"][:]
+    probability = zarr.open_group(str(out / "n.zarr"), mode="r")["0"][:]
     np.testing.assert_array_equal(probability, np.where(truth > 0, 255, 0))
 
 
@@ -123,18 +124,27 @@ def test_graded_probability_round_trip(tmp_path, scale):
         whole = slide.read_region_at_mpp((0, 0), (500, 300), MPP)
     expected = to_uint8(1.0 - QuarterOracle.probabilities(whole[None])[0, 0])
     group = zarr.open_group(str(tmp_path / "n.zarr"), mode="r")
-    np.testing.assert_array_equal(group["probability"][:], expected)
+    np.testing.assert_array_equal(group["0"][:], expected)
     assert group.attrs["scale_to_level0"] == scale and group.attrs["mpp"] == MPP
     assert group.attrs["tiling"]["region_px"] == 2 * (224 - 48)  # round(384 / 176) tiles
-    assert group["probability"].chunks == (300, 352)  # one block, clipped to the canvas height
+    assert group["0"].chunks == (300, 352)  # one block, clipped to the canvas height
 
 
 def test_zarr_layout_and_attributes(seam_run):
     out, summary = seam_run
     group = zarr.open_group(str(out / "n.zarr"), mode="r")
-    assert sorted(group.keys()) == ["labels", "probability"]  # working array removed
-    assert group["labels"].dtype == np.uint32 and group["probability"].dtype == np.uint8
-    assert group["labels"].chunks == (256, 256) and group["labels"].shape == (HEIGHT, WIDTH)
+    assert group.metadata.zarr_format == 2  # OME-NGFF 0.4
+    assert sorted(group.keys()) == ["0", "1", "2", "labels"]  # working arrays removed
+    assert sorted(group["labels/nuclei"].keys()) == ["0", "1", "2"]
+    labels, probability = group["labels/nuclei/0"], group["0"]
+    assert labels.dtype == np.uint32 and probability.dtype == np.uint8
+    assert labels.chunks == (256, 256) and labels.shape == (HEIGHT, WIDTH)
+    assert group["2"].shape == group["labels/nuclei/2"].shape == (150, 225)
+    # Level 1: 2×2 means of level 0, and the top-left id of each 2×2 of the labels.
+    level0 = probability[:].astype(np.int64)
+    means = (level0.reshape(300, 2, 450, 2).sum(axis=(1, 3)) + 2) // 4
+    np.testing.assert_array_equal(group["1"][:], means)
+    np.testing.assert_array_equal(group["labels/nuclei/1"][:], labels[:][::2, ::2])
     attrs = dict(group.attrs)
     assert attrs["complete"] is True and attrs["nuclei"] == summary["nuclei"]
     assert attrs["mpp"] == MPP and attrs["scale_to_level0"] == 1.0
@@ -143,12 +153,37 @@ def test_zarr_layout_and_attributes(seam_run):
     assert attrs["model"]["name"] == "DiscOracle" and attrs["cellseg_version"]
 
 
+def test_ome_zarr_py_reads_the_pyramid_and_the_labels(seam_run):
+    """What napari-ome-zarr does: ome-zarr-py's reader finds the image and its label image."""
+    io = pytest.importorskip("ome_zarr.io")
+    reader = pytest.importorskip("ome_zarr.reader")
+    out, summary = seam_run
+    nodes = list(reader.Reader(io.parse_url(str(out / "n.zarr")))())
+    image = next(n for n in nodes if n.load(reader.Multiscales) and not n.load(reader.Label))
+    label = next(n for n in nodes if n.load(reader.Label))
+    assert [tuple(level.shape) for level in image.data] == [(600, 900), (300, 450), (150, 225)]
+    assert [tuple(level.shape) for level in label.data] == [(600, 900), (300, 450), (150, 225)]
+    for node in (image, label):
+        assert [a["unit"] for a in node.metadata["axes"]] == ["micrometer", "micrometer"]
+        scales = [t[0]["scale"] for t in node.metadata["coordinateTransformations"]]
+        assert scales == [[MPP, MPP], [2 * MPP, 2 * MPP], [4 * MPP, 4 * MPP]]
+    assert int(label.data[0].max().compute()) == summary["nuclei"]
+    assert image.metadata["name"] == "nucleus probability"
+    assert label.metadata["name"] == "nuclei"
+    models = pytest.importorskip("ome_zarr_models.v04")  # the spec's own schema
+    models.Image.from_zarr(zarr.open_group(str(out / "n.zarr"), mode="r"))
+
+
 def test_geojson_is_qupath_ready(seam_run):
     out, _ = seam_run
     collection = json.loads((out / "n.geojson").read_text())
     assert collection["type"] == "FeatureCollection"
+    # Every disc is a rim of one colour around an interior of another, on pink background: the
+    # stain measurements see exactly these pixels (the slide's pixels are aligned with the
+    # labels at the seams of blocks, regions and chunks too).
+    rim_od, interior_od = stain_amounts(np.array([RIM_RGB, INTERIOR_RGB], np.uint8))
     for feature in collection["features"]:
-        uuid.UUID(feature["id"], version=4)
+        assert uuid.UUID(feature["id"]).version == 5  # deterministic ids
         props = feature["properties"]
         assert props["objectType"] == "detection"
         assert (
@@ -156,10 +191,16 @@ def test_geojson_is_qupath_ready(seam_run):
             and len(props["classification"]["color"]) == 3
         )
         m = props["measurements"]
-        assert m["Area µm^2"] > 0 and m["Perimeter µm"] > 0 and m["Nucleus probability"] == 1.0
+        assert m["Nucleus: Perimeter µm"] > 0 and m["Nucleus probability"] == 1.0
         polygon = shapely.geometry.shape(feature["geometry"])
         assert polygon.is_valid and shapely.set_precision(polygon, 0.01).equals(polygon)
-        assert m["Area µm^2"] == pytest.approx(polygon.area * MPP**2)
+        assert m["Nucleus: Area µm^2"] == pytest.approx(polygon.area * MPP**2)
+        for column, stain in enumerate(("Hematoxylin", "Eosin")):
+            low, high = sorted([rim_od[column], interior_od[column]])
+            assert m[f"Nucleus: {stain} OD min"] == pytest.approx(low, abs=1e-5)
+            assert m[f"Nucleus: {stain} OD max"] == pytest.approx(high, abs=1e-5)
+            assert low < m[f"Nucleus: {stain} OD mean"] < high
+        assert 0.85 < m["Nucleus: Circularity"] <= 1 and 0.9 < m["Nucleus: Solidity"] <= 1
 
 
 def test_geopandas_reads_every_geometry_as_valid(seam_run):
@@ -307,7 +348,7 @@ def assert_same_results(a: Path, b: Path) -> None:
         assert fa[label]["geometry"] == fb[label]["geometry"]
         assert fa[label]["properties"]["measurements"] == fb[label]["properties"]["measurements"]
     za, zb = (zarr.open_group(str(p / "n.zarr"), mode="r") for p in (a, b))
-    for name in ("labels", "probability"):
+    for name in ("labels/nuclei/0", "0", "labels/nuclei/1", "1"):
         np.testing.assert_array_equal(za[name][:], zb[name][:])
 
 
@@ -442,3 +483,46 @@ def test_worker_processes_give_the_same_result(seam_slide, seam_run, tmp_path):
     opts = options(workers=1, label_workers=1, batch_size=16)
     predict_slide(path, DiscOracle(), outputs_in(tmp_path, geojson=True, zarr=True), opts)
     assert_same_results(reference, tmp_path)
+
+
+def test_two_identical_runs_give_byte_identical_geojson(seam_slide, seam_run, tmp_path):
+    """Feature ids are uuid5 of the slide's content hash and the nucleus; nothing else in the
+    file (timestamps, key order, floats) varies between runs, inline or in worker processes."""
+    path, _ = seam_slide
+    out, _ = seam_run
+    again = outputs_in(tmp_path, geojson=True)
+    predict_slide(path, DiscOracle(), again, options(label_workers=1))
+    assert (tmp_path / "n.geojson").read_bytes() == (out / "n.geojson").read_bytes()
+    ids = [f["id"] for f in features(out / "n.geojson")]
+    assert len(set(ids)) == len(ids)
+
+
+def test_cells_grow_from_the_nuclei_without_overlapping(seam_slide, seam_run, tmp_path):
+    """--object-type cell: each cell contains its nucleus, reaches at most the expansion
+    beyond it, and never overlaps another cell, across region seams too (discs on the seams
+    are 4 px apart or more, so 5 µm = 10 px expansions collide everywhere)."""
+    path, _ = seam_slide
+    out, _ = seam_run
+    opts = options(object_type="cell", cell_expansion_um=5.0)
+    predict_slide(path, DiscOracle(), outputs_in(tmp_path, geojson=True), opts)
+    cells = features(tmp_path / "n.geojson")
+    assert len(cells) == len(features(out / "n.geojson"))
+    outlines = []
+    for feature in cells:
+        nucleus = shapely.geometry.shape(feature["nucleusGeometry"])
+        cell = shapely.geometry.shape(feature["geometry"])
+        assert feature["properties"]["objectType"] == "cell" and cell.is_valid
+        assert cell.buffer(1e-6).contains(nucleus)
+        assert nucleus.buffer(10 + 1.5).contains(cell)  # 10 px, plus the pixel outline
+        m = feature["properties"]["measurements"]
+        assert m["Cell: Area µm^2"] == pytest.approx(cell.area * MPP**2)
+        assert m["Nucleus/Cell area ratio"] == pytest.approx(nucleus.area / cell.area, abs=1e-4)
+        assert m["Cell: Eosin OD mean"] > 0 and m["Nucleus: Eosin OD mean"] > 0
+        outlines.append(cell)
+    tree = shapely.STRtree(outlines)
+    left, right = tree.query(outlines, predicate="intersects")
+    pairs = left < right
+    overlap = shapely.area(
+        shapely.intersection(np.take(outlines, left[pairs]), np.take(outlines, right[pairs]))
+    )
+    assert pairs.sum() > 50 and overlap.max() < 1e-6  # neighbours touch, never overlap

@@ -7,16 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cellseg.cli.predict as cli_predict
 import numpy as np
 import pytest
 import zarr
+from cellseg.cli.main import cellseg
 from click.testing import CliRunner
 from oracle import DiscOracle, disc_image
 from slides import make_pyramid_tiff
 
-import cli.predict as cli_predict
 from cellseg.batch import read_cohort
-from cli.main import cellseg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_help_shows_the_options_and_an_example():
 
 
 def test_the_command_module_does_not_import_torch():
-    code = "import sys, cli.predict; print('torch' in sys.modules)"
+    code = "import sys, cellseg.cli.predict; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
 
@@ -82,6 +82,7 @@ def test_the_command_module_does_not_import_torch():
         (["a.svs"], "nothing to write"),
         (["a.svs", "--out", "x.txt"], "--out x.txt: expected a file ending in .geojson"),
         (["a.svs", "--overlay", "x.gif"], "expected a file ending in .png"),
+        (["a.svs", "--out", "x.geojson", "--cell-expansion-um", "5"], "needs --object-type cell"),
     ],
 )
 def test_usage_errors_are_one_line(args, message):
@@ -184,11 +185,19 @@ def check_cmu_outputs(out: Path, canvas_hw: tuple[int, int]) -> dict:
     assert summary["mpp"] == 0.5 and summary["slide_mpp"] == pytest.approx(0.499)
     assert summary["mpp_source"] == "openslide.mpp-x" and summary["model"]["name"] == "tiny-random"
     group = zarr.open_group(str(out / "n.zarr"), mode="r")
-    assert group["probability"].shape == canvas_hw and group.attrs["complete"] is True
+    assert group["0"].shape == canvas_hw and group.attrs["complete"] is True
     collection = json.loads(gzip.decompress((out / "n.geojson.gz").read_bytes()))
     assert collection["type"] == "FeatureCollection"
     assert len(collection["features"]) == summary["nuclei"] == group.attrs["nuclei"]
-    assert np.asarray(group["labels"][:]).max() == summary["nuclei"]
+    assert np.asarray(group["labels/nuclei/0"][:]).max() == summary["nuclei"]
+    assert group.attrs["multiscales"][0]["axes"][0]["unit"] == "micrometer"
+    assert "multiscales" in group["labels/nuclei"].attrs and "rgb" not in group
+    for feature in collection["features"]:  # the tiny random model's "nuclei" on real H&E
+        m = feature["properties"]["measurements"]
+        for stain in ("Hematoxylin", "Eosin"):
+            low, mean, high = (m[f"Nucleus: {stain} OD {s}"] for s in ("min", "mean", "max"))
+            assert low <= mean <= high and m[f"Nucleus: {stain} OD std dev"] >= 0
+        assert m["Nucleus: Max caliper µm"] >= m["Nucleus: Min caliper µm"] > 0
     assert (out / "o.png").stat().st_size > 1000
     return summary
 

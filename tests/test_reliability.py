@@ -11,14 +11,15 @@ import socket
 import time
 from pathlib import Path
 
+import cellseg.cli.predict as cli_predict
 import numpy as np
 import pytest
+from cellseg.cli.main import cellseg
 from click.testing import CliRunner
 from oracle import DiscOracle, disc_image
 from PIL import Image
 from slides import make_pyramid_tiff
 
-import cli.predict as cli_predict
 from cellseg import batch
 from cellseg import slide as slide_module
 from cellseg.batch import SlideJob, read_cohort, run_slide, update_cohort
@@ -26,7 +27,6 @@ from cellseg.errors import BusyError, OutputError
 from cellseg.journal import Journal
 from cellseg.outputs import LOCK_STALE_S, SlideLock
 from cellseg.predict import PredictOptions, SlideOutputs, predict_slide
-from cli.main import cellseg
 
 FAST = {"workers": 0, "label_workers": 0}
 
@@ -98,6 +98,7 @@ def test_a_blank_image_warns_no_tissue_and_says_so_in_the_summary(tmp_path, orac
         ({"mpp": 0.25}, "--mpp None -> 0.25"),
         ({"tta": True}, "--tta False -> True"),
         ({"tissue_mask": False}, "--no-tissue-mask True -> False"),
+        ({"object_type": "cell", "cell_expansion_um": 3.0}, "--cell-expansion-um 0.0 -> 3.0"),
     ],
 )
 def test_outputs_are_skipped_only_when_the_provenance_matches(tmp_path, change, reason):
@@ -111,7 +112,7 @@ def test_outputs_are_skipped_only_when_the_provenance_matches(tmp_path, change, 
         predictor.tta = True
     if change.get("input"):  # same name and size, another scan
         make_pyramid_tiff(path, discs(300, 300, step=60), 0.5, levels=1)
-    options = opts(**{k: v for k, v in change.items() if k in ("mpp", "tissue_mask")})
+    options = opts(**{k: v for k, v in change.items() if k not in ("input", "tta")})
     with pytest.raises(OutputError, match="already exists") as error:
         predict_slide(path, predictor, outputs, options)
     assert reason in str(error.value) and "--overwrite" in str(error.value)
@@ -119,6 +120,17 @@ def test_outputs_are_skipped_only_when_the_provenance_matches(tmp_path, change, 
         path, predictor, outputs, PredictOptions(**{**vars(options), "overwrite": True})
     )
     assert not redone.get("skipped")
+
+
+def test_outputs_of_an_older_format_are_not_skipped(tmp_path):
+    path = make_pyramid_tiff(tmp_path / "a.svs", discs(300, 300), 0.5, levels=1)
+    outputs = SlideOutputs(geojson=tmp_path / "out" / "a.geojson")
+    predict_slide(path, DiscOracle(), outputs, opts())
+    record = json.loads(outputs.provenance_path.read_text())
+    del record["provenance"]["format"]  # as written before the OME-Zarr layout
+    outputs.provenance_path.write_text(json.dumps(record))
+    with pytest.raises(OutputError, match="older cellseg"):
+        predict_slide(path, DiscOracle(), outputs, opts())
 
 
 def test_the_cli_says_why_a_slide_is_refused(tmp_path, disc_slide, oracle):
@@ -226,7 +238,7 @@ def test_overlays_in_batch_mode(tmp_path, disc_slide, oracle):
 
 
 def test_third_party_log_lines_only_with_verbose(capsys):
-    from cli.common import configure_logging
+    from cellseg.cli.common import configure_logging
 
     try:
         for verbose, expected in [

@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
+from cellseg.cli.main import cellseg
 from click.testing import CliRunner
 from synthetic import write_monuseg
-
-from cli.main import cellseg
 
 torch.set_num_threads(1)
 

@@ -174,10 +174,10 @@ def test_training_learns(tmp_path):
 
 
 def test_train_cli_records_the_precision(monuseg, tmp_path):
+    from cellseg.cli.main import cellseg
     from click.testing import CliRunner
 
     from cellseg.checkpoint import load_bundle
-    from cli.main import cellseg
 
     out = tmp_path / "bf16"
     args = ["train", "--data", str(monuseg), "--preset", "paper", "--epochs", "1"]
