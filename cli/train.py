@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -164,7 +165,8 @@ def train_command(
         compile=compile_model,
         init_from=str(init_from) if init_from else None,
     )
-    summary = train(opts, resume=resume)
+    # Progress bars only on a terminal: logs of batch jobs get the one line per epoch.
+    summary = train(opts, resume=resume, progress=sys.stderr.isatty())
     click.echo(
         f"done: {summary['epochs']} epochs, best val Dice {summary['best_val_dice']:.4f} "
         f"at epoch {summary['best_epoch']}; checkpoints in {out_dir}"
