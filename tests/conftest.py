@@ -78,3 +78,14 @@ def shared_wsi_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not available at {path}")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one thread avoids waking a thread pool for each op (slow on a busy CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -107,3 +107,14 @@ def seam_centres(
         centres += [(y, seam) for y in range(15, height - 15, step) if seam < width]
         centres += [(seam, x) for x in range(15, width - 15, step) if seam < height]
     return [(y, x) for y, x in centres if 12 <= y < height - 12 and 12 <= x < width - 12]
+
+
+def use_oracle_in_cli(monkeypatch) -> None:
+    """``cellseg predict`` with the disc oracle instead of a checkpoint, reading in-process."""
+    import cellseg.cli.predict as cli_predict
+
+    from cellseg import predict
+
+    monkeypatch.setattr(cli_predict, "_load_predictor", lambda *args, **kwargs: DiscOracle())
+    monkeypatch.setattr(predict, "default_workers", lambda: 0)
+    monkeypatch.setattr(predict, "default_label_workers", lambda: 0)

@@ -14,11 +14,10 @@ import os
 import subprocess
 from pathlib import Path
 
-import cellseg.cli.predict as cli_predict
 import pytest
 from cellseg.cli.main import cellseg
 from click.testing import CliRunner
-from oracle import DiscOracle, disc_image
+from oracle import disc_image, use_oracle_in_cli
 from PIL import Image
 from slides import make_pyramid_tiff
 
@@ -160,15 +159,7 @@ def disk_full(monkeypatch):
 
 
 def _oracle(monkeypatch) -> None:
-    monkeypatch.setattr(
-        cli_predict,
-        "_load_predictor",
-        lambda model_path, device, tta=False, precision="auto": DiscOracle(),
-    )
-    from cellseg import predict
-
-    monkeypatch.setattr(predict, "default_workers", lambda: 0)
-    monkeypatch.setattr(predict, "default_label_workers", lambda: 0)
+    use_oracle_in_cli(monkeypatch)
 
 
 # (id, command line with {in}/{out}/{ro} placeholders, exit code, stderr fragment, outputs,

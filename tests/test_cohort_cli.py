@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cellseg.cli.predict as cli_predict
 import pytest
 from cellseg.cli.main import cellseg
 from click.testing import CliRunner
-from oracle import DiscOracle, disc_image
+from oracle import disc_image, use_oracle_in_cli
 from slides import make_pyramid_tiff
 
 from cellseg.batch import read_cohort
@@ -37,15 +36,7 @@ def statuses(out: Path) -> dict[str, str]:
 
 @pytest.fixture
 def oracle(monkeypatch):
-    monkeypatch.setattr(
-        cli_predict,
-        "_load_predictor",
-        lambda model_path, device, tta=False, precision="auto": DiscOracle(),
-    )
-    from cellseg import predict
-
-    monkeypatch.setattr(predict, "default_workers", lambda: 0)
-    monkeypatch.setattr(predict, "default_label_workers", lambda: 0)
+    use_oracle_in_cli(monkeypatch)
 
 
 @pytest.fixture(scope="module")

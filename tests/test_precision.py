@@ -26,12 +26,7 @@ from cellseg.model import ModelConfig, build_model
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_auto_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):

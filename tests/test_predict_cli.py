@@ -7,13 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cellseg.cli.predict as cli_predict
 import numpy as np
 import pytest
 import zarr
 from cellseg.cli.main import cellseg
 from click.testing import CliRunner
-from oracle import DiscOracle, disc_image
+from oracle import disc_image, use_oracle_in_cli
 from slides import make_pyramid_tiff
 
 from cellseg.batch import read_cohort
@@ -32,15 +31,7 @@ def stderr_lines(result) -> list[str]:
 @pytest.fixture
 def oracle(monkeypatch):
     """The command with the disc oracle instead of a checkpoint, reading in-process."""
-    monkeypatch.setattr(
-        cli_predict,
-        "_load_predictor",
-        lambda model_path, device, tta=False, precision="auto": DiscOracle(),
-    )
-    from cellseg import predict
-
-    monkeypatch.setattr(predict, "default_workers", lambda: 0)
-    monkeypatch.setattr(predict, "default_label_workers", lambda: 0)
+    use_oracle_in_cli(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ SEEDS = range(60)
 TILE_PX, CROP_PX = 128, 96  # small, so many seeds stay quick
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids waking a thread pool for each op (slow on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def crowded_sample(seed: int, mpp: float) -> Sample:

@@ -14,13 +14,7 @@ from cellseg import causal
 from cellseg.data import PaperDataset
 from cellseg.training import Trainer, TrainOptions, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
