@@ -40,6 +40,14 @@ class AugmentParams:
     - ``jitter_p``: colour jitter as one block (torchvision ``ColorJitter`` semantics: brightness,
       contrast, saturation factors uniform in [1 - x, 1 + x], hue shift uniform in ±``hue`` of a
       full turn, the four applied in random order) — the paper's "colour intensity enhancement".
+    - ``hed_p``, ``hed_scale``, ``hed_shift``: stain augmentation in haematoxylin-eosin-DAB space
+      (Tellez et al., "Quantifying the effects of data augmentation and stain color normalization
+      in convolutional neural networks for computational pathology", MedIA 2019): each stain
+      channel ``s`` (H and E; DAB is left alone) of scikit-image's colour deconvolution becomes
+      ``s · a + b`` with ``a``
+      uniform in ``1 ± hed_scale`` and ``b`` uniform in ``± hed_shift``. It varies staining the
+      way hospitals differ (more or less haematoxylin or eosin), which RGB/HSV jitter does not.
+      Off by default (not in the paper); the ``wsi`` preset turns it on (``--no-stain-aug``).
     """
 
     hflip_p: float = 0.5
@@ -54,6 +62,9 @@ class AugmentParams:
     contrast: float = 0.2
     saturation: float = 0.2
     hue: float = 0.02
+    hed_p: float = 0.0
+    hed_scale: float = 0.2
+    hed_shift: float = 0.02
 
 
 NO_AUGMENT = AugmentParams(
@@ -273,6 +284,45 @@ def color_jitter(
     return image
 
 
+def _stain_matrices() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-image's (Ruifrok & Johnston) ``hed_from_rgb`` and ``rgb_from_hed``, float32."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    return torch.from_numpy(hed_from_rgb).float(), torch.from_numpy(rgb_from_hed).float()
+
+
+_LOG_ADJUST = math.log(1e-6)  # scikit-image's separate_stains / combine_stains scaling
+
+
+def rgb_to_hed(image: torch.Tensor) -> torch.Tensor:
+    """``3×H×W`` RGB in [0, 1] -> ``3×H×W`` stain amounts (H, E, DAB), as ``skimage.color.rgb2hed``
+    but not clipped at 0, so that :func:`hed_to_rgb` inverts it exactly."""
+    hed_from_rgb, _ = _stain_matrices()
+    optical = torch.log(image.clamp(min=1e-6)) / _LOG_ADJUST
+    return torch.einsum("chw,cd->dhw", optical, hed_from_rgb)
+
+
+def hed_to_rgb(stains: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hed` (``skimage.color.hed2rgb``), clipped to [0, 1]."""
+    _, rgb_from_hed = _stain_matrices()
+    log_rgb = torch.einsum("dhw,dc->chw", stains, rgb_from_hed) * _LOG_ADJUST
+    return torch.exp(log_rgb).clamp(0.0, 1.0)
+
+
+def hed_jitter(
+    image: torch.Tensor, rng: np.random.Generator, params: AugmentParams
+) -> torch.Tensor:
+    """Random stain amounts: each of H, E, DAB scaled by ``1 ± hed_scale`` and shifted by
+    ``± hed_shift`` (:class:`AugmentParams`). ``image``: ``3×H×W`` float in [0, 1]."""
+    scale = torch.from_numpy(rng.uniform(1 - params.hed_scale, 1 + params.hed_scale, 3)).float()
+    shift = torch.from_numpy(rng.uniform(-params.hed_shift, params.hed_shift, 3)).float()
+    # DAB is only the residual of an H&E deconvolution: moving it paints slides brown-yellow,
+    # a colour no H&E scanner produces, so only H and E change.
+    scale[2], shift[2] = 1.0, 0.0
+    stains = rgb_to_hed(image)
+    return hed_to_rgb(stains * scale[:, None, None] + shift[:, None, None])
+
+
 def _blend(image: torch.Tensor, other: torch.Tensor, factor: float) -> torch.Tensor:
     """``factor · image + (1 - factor) · other`` (torchvision ``_blend``, before clamping)."""
     return factor * image + (1.0 - factor) * other
@@ -296,6 +346,8 @@ def augment_pair(
     image_out, target_out = warp_pair(image, target, theta, (out_px, out_px))
     if rng.random() < params.blur_p:
         image_out = gaussian_blur(image_out, rng.uniform(*params.blur_sigma))
+    if params.hed_p > 0 and rng.random() < params.hed_p:  # no draw when off: old streams kept
+        image_out = hed_jitter(image_out, rng, params)
     if rng.random() < params.jitter_p:
         image_out = color_jitter(image_out, rng, params)
     return image_out.contiguous(), target_out

@@ -5,7 +5,11 @@ Layouts accepted by :func:`find_samples` (folder names matched case-insensitivel
 - the shared layout ``ROOT/{train,test}/images/*.tif`` with ``annotations/*.xml`` and/or
   ``instance_masks/*.png`` (``ROOT`` itself means ``ROOT/train``);
 - the official training download ``Tissue Images/*.tif`` + ``Annotations/*.xml``;
-- the official test download, ``.tif`` and ``.xml`` side by side in one folder.
+- the official test download, ``.tif`` and ``.xml`` side by side in one folder;
+- patch folders such as CoNSeP's: ``ROOT/{train,test}/images/*.{png,jpg,tif}`` with
+  ``instance_masks/*.png`` and ``mpp.json`` (``{stem: µm/px}``) beside them. Patches cut from one
+  larger tile share a *group* (the stem without its last ``_NNN`` part: ``train_12_003`` belongs to
+  ``train_12``), so a validation split can hold out whole tiles (:func:`split_by_group`).
 
 When an image has both an XML and an instance PNG, the XML wins: it is the official annotation
 and the PNGs were rendered from it. Array conventions follow docs/ARCHITECTURE.md: images are
@@ -15,6 +19,9 @@ and the PNGs were rendered from it. Array conventions follow docs/ARCHITECTURE.m
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +54,8 @@ UCTRANSNET_VAL_IDS = (
 """The 6 validation tiles of the UCTransNet split (SPEC §8.1), for folders without val_ids.txt."""
 
 _IMAGE_SUFFIXES = (".tif", ".tiff")
+_PATCH_IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")  # beside instance_masks/
+_MPP_FILE = "mpp.json"
 _IMAGE_DIRS = ("images", "tissue images")
 _XML_DIRS = ("annotations",)
 _MASK_DIRS = ("instance_masks",)
@@ -60,6 +69,8 @@ class SampleFiles:
     image_path: Path
     xml_path: Path | None = None
     mask_path: Path | None = None
+    mpp: float | None = None  # from mpp.json; the XML's MicronsPerPixel wins when present
+    group: str | None = None  # the larger tile a patch was cut from (None: the tile itself)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +81,12 @@ class Sample:
     image: np.ndarray
     labels: np.ndarray
     mpp: float
+    group: str | None = None  # see SampleFiles.group
+
+    @property
+    def group_id(self) -> str:
+        """The unit a validation split must keep together: the source tile."""
+        return self.group or self.image_id
 
 
 # --------------------------------------------------------------------------- finding files
@@ -88,19 +105,50 @@ def find_samples(root: Path) -> list[SampleFiles]:
     image_dir = _child_dir(folder, _IMAGE_DIRS) or folder
     xml_dir = _child_dir(folder, _XML_DIRS)
     mask_dir = _child_dir(folder, _MASK_DIRS)
+    mpp_by_stem = _read_mpp_file(folder / _MPP_FILE)
+    suffixes = _PATCH_IMAGE_SUFFIXES if mask_dir is not None else _IMAGE_SUFFIXES
     image_paths = [
-        path
-        for path in _list_dir(image_dir)
-        if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES
+        path for path in _list_dir(image_dir) if path.is_file() and path.suffix.lower() in suffixes
     ]
     if not image_paths:
         raise DataError(
-            f"no .tif images in {image_dir} (expected images/ or 'Tissue Images/' beside "
-            "annotations/, or .tif and .xml files side by side)"
+            f"no images in {image_dir} (expected images/ or 'Tissue Images/' beside "
+            "annotations/ or instance_masks/, or .tif and .xml files side by side)"
         )
     samples = [_sample_files(path, xml_dir, mask_dir) for path in image_paths]
+    if mpp_by_stem is not None:
+        samples = [_with_patch_info(files, mpp_by_stem, folder) for files in samples]
     _check_unique_ids(samples)
     return samples
+
+
+def _read_mpp_file(path: Path) -> dict[str, float] | None:
+    """``mpp.json`` (``{stem: µm/px}``) of a patch folder, or None when there is none."""
+    if not path.is_file():
+        return None
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+        mpp_by_stem = {str(stem): float(mpp) for stem, mpp in table.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise DataError(f"cannot read {path}: {_one_line(error)}") from error
+    bad = [stem for stem, mpp in mpp_by_stem.items() if not 0.01 <= mpp <= 100]
+    if bad:
+        raise DataError(f"{path}: implausible µm/px for {bad[0]}: {mpp_by_stem[bad[0]]}")
+    return mpp_by_stem
+
+
+def _with_patch_info(
+    files: SampleFiles, mpp_by_stem: dict[str, float], folder: Path
+) -> SampleFiles:
+    """Attach the patch's mpp (required in a folder with mpp.json) and its source-tile group."""
+    if files.image_id not in mpp_by_stem:
+        raise DataError(f"{folder / _MPP_FILE}: no µm/px for image {files.image_id}")
+    match = _PATCH_STEM.match(files.image_id)
+    group = match.group(1) if match else None
+    return dataclasses.replace(files, mpp=mpp_by_stem[files.image_id], group=group)
+
+
+_PATCH_STEM = re.compile(r"^(.+)_\d+$")
 
 
 def _list_dir(folder: Path) -> list[Path]:
@@ -188,13 +236,33 @@ def split_samples(
     return train, val
 
 
+def split_by_group(
+    samples: Sequence[Sample], fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """``(train, val)`` holding out about ``fraction`` of the source tiles (at least one).
+
+    Patches cut from one tile share tissue (and, in CoNSeP's cut, some overlap by 24 px), so a
+    split by patch would leak the validation tissue into training: whole groups go one way.
+    """
+    groups = sorted({sample.group_id for sample in samples})
+    if len(groups) < 2:
+        raise DataError("need at least two source tiles to hold one out for validation")
+    n_val = min(len(groups) - 1, max(1, round(fraction * len(groups))))
+    rng = np.random.default_rng(seed)
+    val_groups = set(rng.choice(groups, size=n_val, replace=False).tolist())
+    train = [sample for sample in samples if sample.group_id not in val_groups]
+    val = [sample for sample in samples if sample.group_id in val_groups]
+    return train, val
+
+
 # --------------------------------------------------------------------------- reading files
 
 
 def load_sample(files: SampleFiles) -> Sample:
     """Read one tile; the XML annotation is preferred over the instance PNG (module docstring).
 
-    ``mpp`` comes from the XML ``MicronsPerPixel`` attribute, else :data:`DEFAULT_MPP`.
+    ``mpp`` comes from the XML ``MicronsPerPixel`` attribute, else ``mpp.json``, else
+    :data:`DEFAULT_MPP`.
     """
     image = read_image(files.image_path)
     shape_hw = image.shape[:2]
@@ -210,7 +278,8 @@ def load_sample(files: SampleFiles) -> Sample:
             )
     else:
         raise DataError(f"no annotation for image {files.image_path}")
-    return Sample(files.image_id, image, labels, DEFAULT_MPP if mpp is None else mpp)
+    mpp = mpp if mpp is not None else files.mpp
+    return Sample(files.image_id, image, labels, DEFAULT_MPP if mpp is None else mpp, files.group)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -221,7 +290,7 @@ def read_image(path: Path) -> np.ndarray:
     except Exception as tiff_error:  # decoders raise many types; any of them means "unreadable"
         try:
             with Image.open(path) as image:
-                array = np.asarray(image)
+                array = np.array(image)  # a writable copy (torch warns on read-only arrays)
         except Exception:
             raise DataError(f"cannot read image {path}: {_one_line(tiff_error)}") from tiff_error
     if array.ndim < 2 or array.size == 0:
@@ -433,7 +502,7 @@ def resize_sample(sample: Sample, target_mpp: float) -> Sample:
         return sample
     image = resize_image(sample.image, size_hw, antialias=factor < 1)
     labels = resize_labels_nearest(sample.labels, size_hw)
-    return Sample(sample.image_id, image, labels, sample.mpp * width / size_hw[1])
+    return Sample(sample.image_id, image, labels, sample.mpp * width / size_hw[1], sample.group)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -611,3 +680,92 @@ class WsiDataset(EpochSelector, Dataset):
         left = int(rng.integers(width - self.crop_px + 1))
         window = (slice(top, top + self.crop_px), slice(left, left + self.crop_px))
         return image[:, window[0], window[1]].float() / 255.0, target[window].long()
+
+
+class PatchMosaicDataset(EpochSelector, Dataset):
+    """WSI preset for patches smaller than the network tile (CoNSeP: 128 px at 0.5 µm/px).
+
+    Each item is a 2×2 mosaic of four patches of one source tile (drawn afresh per item, without
+    replacement when the tile has four), with white padding where patches are smaller than the
+    largest, cropped and augmented exactly like :class:`WsiDataset`. Instance ids are made unique
+    across the four quadrants, so nuclei cut at a patch edge stay separate instances, as in the
+    ground truth; the mosaic's seams are visible edges the network learns to ignore. A mosaic
+    uses every pixel of the 224² tile, where padding one patch would waste two thirds of it.
+    Items are ``(3×crop_px×crop_px float32 in [0, 1], crop_px×crop_px int64)``; item ``i`` comes
+    from group ``i % n_groups``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        items_per_epoch: int,
+        mpp: float = 0.5,
+        crop_px: int = 224,
+        params: AugmentParams | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.items_per_epoch = items_per_epoch
+        self.crop_px = crop_px
+        self.params = params or AugmentParams()
+        self.seed = seed
+        by_group: dict[str, list[Sample]] = {}
+        for sample in samples:
+            by_group.setdefault(sample.group_id, []).append(resize_sample(sample, mpp))
+        self.group_ids = sorted(by_group)
+        self.groups = [by_group[g] for g in self.group_ids]
+        if not self.groups:
+            raise DataError("no training patches")
+
+    def __len__(self) -> int:
+        return self.items_per_epoch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rng = item_rng(self.seed, self.epoch, index)
+        patches = self.groups[index % len(self.groups)]
+        chosen = rng.choice(len(patches), size=4, replace=len(patches) < 4)
+        image, labels = mosaic([patches[int(i)] for i in chosen])
+        height, width = labels.shape
+        box = random_zoom_box(height, width, self.crop_px, rng, zoom=(0.85, 1.15))
+        return _warped_targets(
+            _chw_uint8(image).float() / 255.0,
+            torch.from_numpy(labels),
+            box,
+            self.crop_px,
+            rng,
+            self.params,
+            class_targets,
+        )
+
+
+def mosaic(patches: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    """Four patches as a 2×2 mosaic: ``(2h×2w×3 uint8 image, 2h×2w int32 labels)``.
+
+    ``h``, ``w`` are the largest patch sides; smaller patches are padded with white and
+    background. Instance ids of later quadrants are offset so that every nucleus keeps its own id.
+    """
+    cell_h = max(p.labels.shape[0] for p in patches)
+    cell_w = max(p.labels.shape[1] for p in patches)
+    image = np.full((2 * cell_h, 2 * cell_w, 3), 255, np.uint8)
+    labels = np.zeros((2 * cell_h, 2 * cell_w), np.int32)
+    offset = 0
+    for k, patch in enumerate(patches[:4]):
+        top, left = (k // 2) * cell_h, (k % 2) * cell_w
+        h, w = patch.labels.shape
+        image[top : top + h, left : left + w] = patch.image
+        ids = patch.labels.astype(np.int32)
+        labels[top : top + h, left : left + w] = np.where(ids > 0, ids + offset, 0)
+        offset += int(ids.max(initial=0))
+    return image, labels
+
+
+class BalancedDomains(torch.utils.data.ConcatDataset):
+    """One training set per domain (dataset), each contributing the same number of items per
+    epoch, so a small second hospital weighs as much as a large first one; ``set_epoch`` reaches
+    every part."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)

@@ -8,7 +8,10 @@ Presets (issue 2, SPEC §8.3):
 - ``paper``: the whole 1000² tile resized to 224 (UCTransNet protocol), 24 train / 6 val, batch 8,
   AdamW lr 1e-3, cosine over the epoch budget, early stopping on validation Dice.
 - ``wsi`` (the shipped model): random 224² crops at a physical resolution (0.5 µm/px by default),
-  validated by sliding-window prediction over the full validation tiles.
+  validated by sliding-window prediction over the full validation tiles. It takes several
+  datasets (``--data A --data B``, one *domain* each: a hospital, a scanner): each is resampled
+  from its own mpp, contributes the same number of crops per epoch (``data.BalancedDomains``) and
+  holds out its own validation tiles; the validation score is the mean over domains.
 """
 
 from __future__ import annotations
@@ -27,17 +30,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
+from .augment import AugmentParams
 from .causal import CIMConfig, SampleWeighting
 from .checkpoint import file_sha256, load_bundle, save_bundle
 from .data import (
     UCTRANSNET_VAL_IDS,
+    BalancedDomains,
     PaperDataset,
+    PatchMosaicDataset,
     Sample,
     WsiDataset,
     find_samples,
     load_sample,
     read_ids,
     resize_sample,
+    split_by_group,
 )
 from .errors import DataError
 from .inference import predict_array, resolve_device
@@ -57,7 +64,7 @@ MODEL_SIZES = ("default", "paper", "tiny")
 class TrainOptions:
     """Everything that defines a run; saved as ``options.json`` in the run folder."""
 
-    data: str
+    data: str | list[str]  # one folder, or several (wsi preset): one domain each
     out: str = "runs/cellseg"
     preset: str = "wsi"
     arch: str = "causal"
@@ -82,12 +89,24 @@ class TrainOptions:
     workers: int = 0  # DataLoader worker processes (0: augment in the main process)
     compile: bool = False  # torch.compile (minutes to compile on the CPU, no gain shown; off)
     init_from: str | None = None  # fine-tune: start from this bundle's weights (fresh optimiser)
+    stain_aug: bool = True  # wsi preset: HED stain augmentation (augment.hed_jitter)
+    val_fraction: float = 0.2  # datasets without val_ids.txt: share of source tiles held out
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, list | tuple) and len(self.data) == 1:
+            self.data = str(self.data[0])
+        if isinstance(self.data, list | tuple):
+            self.data = [str(d) for d in self.data]
+            if self.preset == "paper":
+                raise ValueError("the paper preset trains on one dataset (give --data once)")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}")
         if self.model_size not in MODEL_SIZES:
             raise ValueError(f"model size must be one of {MODEL_SIZES}")
+
+    @property
+    def data_roots(self) -> list[str]:
+        return [self.data] if isinstance(self.data, str) else list(self.data)
 
     @property
     def epoch_budget(self) -> int:
@@ -115,6 +134,35 @@ def resolve_training_folder(data: Path) -> tuple[Path, Path | None]:
         if candidate.is_file():
             return train, candidate
     return train, None
+
+
+@dataclass(eq=False)
+class Domain:
+    """One training dataset (a hospital, a scanner): its folder, training and validation tiles."""
+
+    name: str
+    folder: Path
+    train: list[Sample]
+    val: list[Sample]
+    val_resized: list[Sample] = dataclasses.field(default_factory=list)
+
+    def needs_mosaic(self, mpp: float, crop_px: int) -> bool:
+        """Whether its images are smaller than a crop at ``mpp`` (then 2×2 mosaics are cut)."""
+        return any(min(s.labels.shape) * s.mpp / mpp < crop_px for s in self.train)
+
+
+def load_domain(root: Path, opts: TrainOptions) -> Domain:
+    """Read one ``--data`` folder and split it: ``val_ids.txt`` (or the UCTransNet ids) where
+    there is one, else ``opts.val_fraction`` of its source tiles (whole tiles: never by patch)."""
+    folder, val_ids_file = resolve_training_folder(root)
+    samples = [load_sample(f) for f in find_samples(folder)]
+    grouped = any(s.group is not None for s in samples)
+    if grouped and val_ids_file is None:
+        train, val = split_by_group(samples, opts.val_fraction, opts.seed)
+    else:
+        train, val = split_train_val(samples, val_ids_file, opts.seed)
+    name = root.name if root.name.lower() not in ("train", "") else root.parent.name
+    return Domain(name, folder, train, val)
 
 
 def split_train_val(
@@ -193,11 +241,15 @@ class Trainer:
 
     # ----------------------------------------------------------------- data
     def _load_data(self) -> None:
-        train_dir, val_ids_file = resolve_training_folder(Path(self.opts.data))
-        samples = [load_sample(f) for f in find_samples(train_dir)]
-        self.train_samples, self.val_samples = split_train_val(
-            samples, val_ids_file, self.opts.seed
-        )
+        self.domains = [load_domain(Path(root), self.opts) for root in self.opts.data_roots]
+        names = [d.name for d in self.domains]
+        for i, domain in enumerate(self.domains):
+            if names.count(domain.name) > 1:
+                domain.name = f"{domain.name}-{i}"
+        self.train_samples = [s for d in self.domains for s in d.train]
+        self.val_samples = [s for d in self.domains for s in d.val]
+        train_dir = ", ".join(str(d.folder) for d in self.domains)
+        samples = self.train_samples + self.val_samples
         self.source_mpp = float(np.median([s.mpp for s in samples]))
         if self.opts.preset == "paper":
             self.train_set = PaperDataset(self.train_samples, augment=True, seed=self.opts.seed)
@@ -206,15 +258,10 @@ class Trainer:
             side = np.median([s.image.shape[1] for s in samples])
             self.model_mpp = float(self.source_mpp * side / 224)
         else:
-            self.train_set = WsiDataset(
-                self.train_samples,
-                mpp=self.opts.mpp,
-                crop_px=224,
-                crops_per_epoch_per_tile=self.opts.crops_per_tile,
-                augment=True,
-                seed=self.opts.seed,
-            )
-            self.val_resized = [resize_sample(s, self.opts.mpp) for s in self.val_samples]
+            self.train_set = self._wsi_train_set()
+            for domain in self.domains:
+                domain.val_resized = [resize_sample(s, self.opts.mpp) for s in domain.val]
+            self.val_resized = [s for d in self.domains for s in d.val_resized]
             self.model_mpp = self.opts.mpp
         if len(self.train_set) < self.opts.batch_size:
             raise DataError(
@@ -235,6 +282,30 @@ class Trainer:
             prefetch_factor=2 if workers > 0 else None,
             pin_memory=self.device.type == "cuda",
         )
+
+    def _wsi_train_set(self):
+        """One dataset per domain, each ``crops_per_tile × (most source tiles of any domain)``
+        items long; a single domain is the plain :class:`WsiDataset` of earlier versions."""
+        params = AugmentParams(hed_p=0.5 if self.opts.stain_aug else 0.0)
+        units = [len({s.group_id for s in d.train}) for d in self.domains]
+        items = self.opts.crops_per_tile * max(units)
+        parts = []
+        for domain, n_units in zip(self.domains, units, strict=True):
+            common = {"mpp": self.opts.mpp, "crop_px": 224, "params": params}
+            if domain.needs_mosaic(self.opts.mpp, 224):
+                parts.append(PatchMosaicDataset(domain.train, items, seed=self.opts.seed, **common))
+            else:
+                per_tile = math.ceil(items / n_units)
+                parts.append(
+                    WsiDataset(
+                        domain.train,
+                        crops_per_epoch_per_tile=per_tile,
+                        augment=True,
+                        seed=self.opts.seed,
+                        **common,
+                    )
+                )
+        return parts[0] if len(parts) == 1 else BalancedDomains(parts)
 
     # ------------------------------------------------------------ training
     def _autocast(self):
@@ -304,9 +375,15 @@ class Trainer:
                 scores += [dice(p, t > 0) for p, t in zip(fg, y.numpy() > 0, strict=True)]
         else:
             predictor = self._tile_predictor()
-            for s in self.val_resized:
-                probs = predict_array(s.image, predictor, 224, self.opts.val_overlap_px)
-                scores.append(dice((1 - probs[0]) > 0.5, s.labels > 0))
+            self.val_dice_by_domain = {}
+            for domain in self.domains:
+                domain_scores = []
+                for s in domain.val_resized:
+                    probs = predict_array(s.image, predictor, 224, self.opts.val_overlap_px)
+                    domain_scores.append(dice((1 - probs[0]) > 0.5, s.labels > 0))
+                self.val_dice_by_domain[domain.name] = float(np.mean(domain_scores))
+            # Each domain weighs the same, like in training (CoNSeP has 80 patches, MoNuSeg 6).
+            scores = list(self.val_dice_by_domain.values())
         return float(np.mean(scores))
 
     def _tile_predictor(self):
@@ -336,6 +413,11 @@ class Trainer:
             "init_from": self.opts.init_from,
             "train_ids": sorted(s.image_id for s in self.train_samples),
             "val_ids": sorted(s.image_id for s in self.val_samples),
+            "datasets": {
+                d.name: {"folder": str(d.folder), "train": len(d.train), "val": len(d.val)}
+                for d in getattr(self, "domains", [])
+            },
+            "stain_aug": self.opts.stain_aug,
             "normalisation": "inside the model (ImageNet mean/std on [0, 1] RGB)",
             "cellseg_version": __version__,
         }
@@ -484,6 +566,8 @@ class Trainer:
             record["train_seconds"] = time.perf_counter() - t0
             val_dice = self.validate()
             record["val_dice"] = val_dice
+            if len(getattr(self, "domains", [])) > 1 and self.opts.preset != "paper":
+                record["val_dice_by_domain"] = self.val_dice_by_domain
             self.epoch += 1
             if self.epoch > self.opts.best_after_epoch and val_dice > self.best_dice:
                 self.best_dice, self.best_epoch = val_dice, self.epoch

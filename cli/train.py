@@ -14,8 +14,10 @@ from .common import device_option, precision_option, user_errors
 @click.option(
     "--data",
     required=True,
+    multiple=True,
     type=click.Path(path_type=Path),
-    help="MoNuSeg folder (with train/) or the training folder itself.",
+    help="MoNuSeg folder (with train/) or the training folder itself; or a patch folder "
+    "(images/ + instance_masks/ + mpp.json, like CoNSeP). Repeat for several domains (wsi).",
 )
 @click.option(
     "--preset",
@@ -75,6 +77,11 @@ from .common import device_option, precision_option, user_errors
 )
 @click.option("--no-cim", is_flag=True, help="Ablation: uniform sample weights (plain CE).")
 @click.option("--no-dac", is_flag=True, help="Ablation: CNN + Transformer backbone only.")
+@click.option(
+    "--no-stain-aug",
+    is_flag=True,
+    help="Ablation (wsi preset): no haematoxylin-eosin stain augmentation.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option(
     "--init",
@@ -121,6 +128,7 @@ def train_command(
     binary,
     no_cim,
     no_dac,
+    no_stain_aug,
     resume,
     init_from,
     seed,
@@ -138,13 +146,14 @@ def train_command(
       cellseg train --data ../shared/data/monuseg --preset paper --precision bf16 --out runs/bf16
       cellseg train --data ../shared/data/monuseg --out runs/wsi --resume
       cellseg train --data ../shared/data/monuseg --init runs/wsi/best.safetensors --out runs/ft
+      cellseg train --data ../shared/data/monuseg --data ../shared/data/consep --out runs/multi
     """
     from cellseg.outputs import check_writable
     from cellseg.training import TrainOptions, train
 
     check_writable([out_dir / "best.safetensors"])  # a read-only --out fails now, not at epoch 1
     opts = TrainOptions(
-        data=str(data),
+        data=[str(d) for d in data],
         out=str(out_dir),
         preset=preset,
         arch=arch,
@@ -164,6 +173,7 @@ def train_command(
         workers=workers,
         compile=compile_model,
         init_from=str(init_from) if init_from else None,
+        stain_aug=not no_stain_aug and preset == "wsi",
     )
     # Progress bars only on a terminal: logs of batch jobs get the one line per epoch.
     summary = train(opts, resume=resume, progress=sys.stderr.isatty())
