@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import ModelBundle
-from .data import Sample, paper_mask, resize_image
+from .data import Sample
 from .errors import ModelError
 from .inference import Predictor, predict_array
 from .instances import PostProcess, label_instances
 from .metrics import dice, instance_metrics, iou, summarize
+from .resample import resize_image
+from .targets import paper_mask
 
 PROTOCOLS = ("paper", "native")
 

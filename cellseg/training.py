@@ -33,19 +33,8 @@ from . import __version__
 from .augment import AugmentParams
 from .causal import CIMConfig, SampleWeighting
 from .checkpoint import file_sha256, load_bundle, save_bundle
-from .data import (
-    UCTRANSNET_VAL_IDS,
-    BalancedDomains,
-    PaperDataset,
-    PatchMosaicDataset,
-    Sample,
-    WsiDataset,
-    find_samples,
-    load_sample,
-    read_ids,
-    resize_sample,
-    split_by_group,
-)
+from .data import UCTRANSNET_VAL_IDS, Sample, find_samples, load_sample, read_ids, split_by_group
+from .datasets import BalancedDomains, PaperDataset, PatchMosaicDataset, WsiDataset
 from .errors import DataError
 from .inference import predict_array, resolve_device
 from .instances import PostProcess
@@ -53,6 +42,7 @@ from .losses import segmentation_loss
 from .metrics import dice
 from .model import ModelConfig, build_model, count_flops, count_parameters
 from .precision import autocast, resolve_precision, use_channels_last
+from .resample import resize_sample
 
 log = logging.getLogger(__name__)
 

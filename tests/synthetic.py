@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -39,4 +40,28 @@ def write_monuseg(root: Path, n_images: int = 5, size_px: int = 256, val: int = 
             root / "train" / "instance_masks" / f"{image_id}.png"
         )
     (root / "val_ids.txt").write_text("\n".join(ids[:val]) + "\n")
+    return root
+
+
+def write_patch_folder(
+    root: Path, n_tiles: int = 4, patches_per_tile: int = 4, size_px: int = 64, mpp: float = 0.25
+) -> Path:
+    """A CoNSeP-like patch folder: ``root/train/{images/*.png, instance_masks/*.png, mpp.json}``,
+    stems ``train_<tile>_<patch>`` (patches of one tile form a group); returns root."""
+    folder = root / "train"
+    (folder / "images").mkdir(parents=True)
+    (folder / "instance_masks").mkdir(parents=True)
+    mpp_by_stem = {}
+    for tile in range(1, n_tiles + 1):
+        for patch in range(patches_per_tile):
+            stem = f"train_{tile}_{patch:03d}"
+            image, labels = synthetic_tile(
+                size_px, n_nuclei=4, radius_px=5, seed=tile * 100 + patch
+            )
+            Image.fromarray(image).save(folder / "images" / f"{stem}.png")
+            Image.fromarray(labels.astype(np.uint16)).save(
+                folder / "instance_masks" / f"{stem}.png"
+            )
+            mpp_by_stem[stem] = mpp
+    (folder / "mpp.json").write_text(json.dumps(mpp_by_stem))
     return root

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cellseg import augment, data
+from cellseg import annotations, augment, data, datasets, resample
+from cellseg import targets as targets_mod
 from cellseg.errors import DataError
 
 SHARED_MONUSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg"
@@ -190,14 +191,14 @@ def test_overlap_keeps_earlier_region_and_labels_stay_consecutive():
     second = first + np.array([3, 0])  # overlaps columns 5..7 of the first
     hidden = np.array([(3, 4), (5, 4), (5, 6), (3, 6)], float)  # entirely under the first
     outside = np.array([(30, 30), (40, 30), (40, 40)], float)
-    labels = data.rasterize_polygons([degenerate, first, hidden, second, outside], (12, 16))
+    labels = annotations.rasterize_polygons([degenerate, first, hidden, second, outside], (12, 16))
     assert set(np.unique(labels)) == {0, 1, 2}
     assert (labels[3:9, 2:8] == 1).all()
     assert (labels[3:9, 8:11] == 2).all() and (labels == 2).sum() == 18
 
 
 def test_polygon_is_clipped_to_the_image():
-    labels = data.rasterize_polygons([np.array(SQUARE, float) + np.array([10, 0])], (12, 16))
+    labels = annotations.rasterize_polygons([np.array(SQUARE, float) + np.array([10, 0])], (12, 16))
     assert (labels > 0).sum() == 6 * 4  # columns 12..15 of 12..17
 
 
@@ -262,11 +263,11 @@ def test_class_targets_separate_touching_squares():
         ],
         np.uint8,
     )
-    np.testing.assert_array_equal(data.class_targets(labels), expected)
+    np.testing.assert_array_equal(targets_mod.class_targets(labels), expected)
     # An instance cut by the image border has no boundary along the border.
     cut = np.zeros((3, 4), np.int32)
     cut[:, :2] = 5
-    np.testing.assert_array_equal(data.class_targets(cut), [[1, 2, 0, 0]] * 3)
+    np.testing.assert_array_equal(targets_mod.class_targets(cut), [[1, 2, 0, 0]] * 3)
 
 
 def test_paper_mask_matches_hand_computed_bilinear_taps():
@@ -276,15 +277,15 @@ def test_paper_mask_matches_hand_computed_bilinear_taps():
     labels[5, 2] = 1
     expected = np.zeros((4, 4), bool)
     expected[2, 1] = True
-    np.testing.assert_array_equal(data.paper_mask(labels, 4), expected)
+    np.testing.assert_array_equal(targets_mod.paper_mask(labels, 4), expected)
     # 10 → 4: output rows sample source rows (0, 1), (3, 4), (5, 6), (8, 9); rows 2 and 7 are
     # never seen, as with cv2.resize INTER_LINEAR.
     unseen = np.zeros((10, 10), np.int32)
     unseen[2, 2] = unseen[7, 7] = 1
-    assert not data.paper_mask(unseen, 4).any()
+    assert not targets_mod.paper_mask(unseen, 4).any()
     seen = np.zeros((10, 10), np.int32)
     seen[4, 4] = 1
-    assert np.argwhere(data.paper_mask(seen, 4)).tolist() == [[1, 1]]
+    assert np.argwhere(targets_mod.paper_mask(seen, 4)).tolist() == [[1, 1]]
 
 
 def test_paper_targets_foreground_is_paper_mask_and_interior_is_enclosed():
@@ -292,8 +293,8 @@ def test_paper_targets_foreground_is_paper_mask_and_interior_is_enclosed():
     labels = np.zeros((100, 100), np.int32)
     for label, (y, x) in enumerate(rng.integers(5, 90, (12, 2)), start=1):
         labels[y : y + 9, x : x + 7] = label
-    targets = data.paper_targets(labels, 32)
-    np.testing.assert_array_equal(targets > 0, data.paper_mask(labels, 32))
+    targets = targets_mod.paper_targets(labels, 32)
+    np.testing.assert_array_equal(targets > 0, targets_mod.paper_mask(labels, 32))
     assert set(np.unique(targets)) == {0, 1, 2}
     padded = np.pad(targets, 1)
     interior_y, interior_x = np.nonzero(targets == 1)
@@ -305,11 +306,11 @@ def test_resize_sample_halves_resolution():
     labels = np.kron(np.arange(16, dtype=np.int32).reshape(4, 4), np.ones((2, 2), np.int32))
     image = np.full((8, 8, 3), 77, np.uint8)
     sample = data.Sample("s", image, labels, mpp=0.25)
-    half = data.resize_sample(sample, 0.5)
+    half = resample.resize_sample(sample, 0.5)
     assert half.mpp == 0.5
     np.testing.assert_array_equal(half.labels, np.arange(16).reshape(4, 4))
     assert half.image.shape == (4, 4, 3) and (half.image == 77).all()
-    assert data.resize_sample(sample, 0.25) is sample
+    assert resample.resize_sample(sample, 0.25) is sample
 
 
 # --------------------------------------------------------------------------- augmentations
@@ -445,16 +446,16 @@ def _synthetic_samples(count: int, size: int) -> list[data.Sample]:
 
 def test_paper_dataset_items():
     samples = _synthetic_samples(3, 96)
-    plain = data.PaperDataset(samples, augment=False, size=32)
+    plain = datasets.PaperDataset(samples, augment=False, size=32)
     assert len(plain) == 3
     image, target = plain[1]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert target.shape == (32, 32) and target.dtype == torch.int64
-    np.testing.assert_array_equal(target.numpy(), data.paper_targets(samples[1].labels, 32))
-    expected_image = data.resize_image(samples[1].image, (32, 32), antialias=False)
+    np.testing.assert_array_equal(target.numpy(), targets_mod.paper_targets(samples[1].labels, 32))
+    expected_image = resample.resize_image(samples[1].image, (32, 32), antialias=False)
     np.testing.assert_array_equal((image * 255).round().byte().permute(1, 2, 0), expected_image)
 
-    augmented = data.PaperDataset(samples, augment=True, size=32, seed=5)
+    augmented = datasets.PaperDataset(samples, augment=True, size=32, seed=5)
     first = augmented[2]
     again = augmented[2]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
@@ -471,7 +472,7 @@ def test_wsi_dataset_resizes_once_and_crops():
     for sample in samples:
         sample.image[..., 0] = xx // 2 * 4
         sample.image[..., 1] = yy // 2 * 4
-    plain = data.WsiDataset(
+    plain = datasets.WsiDataset(
         samples, mpp=0.5, crop_px=32, crops_per_epoch_per_tile=3, augment=False, seed=0
     )
     assert len(plain) == 6 and plain.images[0].shape == (3, 64, 64)
@@ -489,20 +490,22 @@ def test_wsi_dataset_resizes_once_and_crops():
         )
         assert torch.equal(target, plain.targets[index // 3][window].long())
 
-    augmented = data.WsiDataset(samples, mpp=0.5, crop_px=32, crops_per_epoch_per_tile=3, seed=0)
+    augmented = datasets.WsiDataset(
+        samples, mpp=0.5, crop_px=32, crops_per_epoch_per_tile=3, seed=0
+    )
     image, target = augmented[4]
     assert image.shape == (3, 32, 32) and target.shape == (32, 32)
     with pytest.raises(DataError, match="t0 is 64×64 px"):
-        data.WsiDataset(samples, mpp=0.5, crop_px=80)
+        datasets.WsiDataset(samples, mpp=0.5, crop_px=80)
 
 
 def test_item_rng_without_seed_follows_torch_seed():
     torch.manual_seed(3)
-    first = data.item_rng(None, 0, 0).random()
+    first = datasets.item_rng(None, 0, 0).random()
     torch.manual_seed(3)
-    assert data.item_rng(None, 0, 0).random() == first
-    assert data.item_rng(7, 1, 2).random() == data.item_rng(7, 1, 2).random()
-    assert data.item_rng(7, 1, 2).random() != data.item_rng(7, 2, 2).random()
+    assert datasets.item_rng(None, 0, 0).random() == first
+    assert datasets.item_rng(7, 1, 2).random() == datasets.item_rng(7, 1, 2).random()
+    assert datasets.item_rng(7, 1, 2).random() != datasets.item_rng(7, 2, 2).random()
 
 
 # --------------------------------------------------------------------------- shared MoNuSeg
@@ -530,7 +533,7 @@ def test_xml_rasterisation_matches_shared_instance_png():
     xml_files = files["TCGA-G9-6362-01Z-00-DX1"]
     assert xml_files.xml_path is not None and xml_files.mask_path is not None
     sample = data.load_sample(xml_files)
-    png_labels = data.read_instance_png(xml_files.mask_path)
+    png_labels = annotations.read_instance_png(xml_files.mask_path)
     assert sample.image.shape == (1000, 1000, 3) and sample.mpp == pytest.approx(0.252)
     assert sample.labels.max() == png_labels.max()
     assert _matched_iou(sample.labels, png_labels) > 0.99
@@ -554,7 +557,7 @@ def test_all_shared_tiles_load_and_agree_with_pngs():
         assert sample.image.shape == (1000, 1000, 3) and sample.labels.max() > 100
         if files.xml_path is not None:
             ious[files.image_id] = _matched_iou(
-                sample.labels, data.read_instance_png(files.mask_path)
+                sample.labels, annotations.read_instance_png(files.mask_path)
             )
     # README: 0.98-0.995 except TCGA-B0-5710 (0.90), whose PNG differs from its XML.
     assert min(ious.values()) > 0.89 and sorted(ious.values())[1] > 0.97
@@ -562,9 +565,9 @@ def test_all_shared_tiles_load_and_agree_with_pngs():
     test_samples = [data.load_sample(f) for f in test]
     assert sum(int(s.labels.max()) for s in test_samples) == 6697
     nearest = np.mean(
-        [(data.resize_labels_nearest(s.labels, (224, 224)) > 0).mean() for s in test_samples]
+        [(resample.resize_labels_nearest(s.labels, (224, 224)) > 0).mean() for s in test_samples]
     )
-    bilinear = np.mean([data.paper_mask(s.labels).mean() for s in test_samples])
+    bilinear = np.mean([targets_mod.paper_mask(s.labels).mean() for s in test_samples])
     assert 0.19 < nearest < bilinear < 1.15 * nearest  # the cv2-linear > 0 dilation (SPEC §8.2)
 
 
@@ -572,7 +575,7 @@ def test_all_shared_tiles_load_and_agree_with_pngs():
 @pytest.mark.slow
 def test_wsi_epoch_of_24_tiles_is_fast():
     files, _ = data.split_samples(data.find_samples(SHARED_MONUSEG), data.UCTRANSNET_VAL_IDS)
-    dataset = data.WsiDataset([data.load_sample(f) for f in files], seed=0)
+    dataset = datasets.WsiDataset([data.load_sample(f) for f in files], seed=0)
     assert len(dataset) == 24 * 8
     start = time.perf_counter()
     for index in range(len(dataset)):

@@ -15,13 +15,13 @@ from synthetic import synthetic_tile
 from cellseg import precision
 from cellseg.blocks import SimAM
 from cellseg.checkpoint import ModelBundle
-from cellseg.data import class_targets
 from cellseg.errors import CellsegError
 from cellseg.inference import Predictor, predict_array
 from cellseg.instances import PostProcess, label_instances
 from cellseg.losses import segmentation_loss
 from cellseg.metrics import aji, dice
 from cellseg.model import ModelConfig, build_model
+from cellseg.targets import class_targets
 
 CPU = torch.device("cpu")
 

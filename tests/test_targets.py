@@ -8,15 +8,9 @@ import torch
 from synthetic import synthetic_tile
 
 from cellseg.augment import AugmentParams, augment_pair, random_zoom_box
-from cellseg.data import (
-    PaperDataset,
-    Sample,
-    WsiDataset,
-    class_targets,
-    item_rng,
-    paper_mask,
-    paper_targets,
-)
+from cellseg.data import Sample
+from cellseg.datasets import PaperDataset, WsiDataset, item_rng
+from cellseg.targets import class_targets, paper_mask, paper_targets
 
 # Strong geometry on every item: rotation always, zoom from the datasets, flips and rot90.
 GEOMETRY = AugmentParams(rotate_p=1.0, max_rotate_deg=45.0, blur_p=0.0, jitter_p=0.0)

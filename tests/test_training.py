@@ -11,7 +11,7 @@ import torch
 from synthetic import write_monuseg
 
 from cellseg import causal
-from cellseg.data import PaperDataset
+from cellseg.datasets import PaperDataset
 from cellseg.training import Trainer, TrainOptions, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
