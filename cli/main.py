@@ -62,15 +62,51 @@ def cellseg(ctx: click.Context, verbose: int, quiet: bool) -> None:
     if verbose and quiet:
         raise click.UsageError("-v and -q contradict each other")
     configure_logging(verbose, quiet)
-    ctx.obj = {"quiet": quiet}
+    ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 
-cellseg.add_command(train_command, "train")
-cellseg.add_command(evaluate_command, "evaluate")
+def _late_verbosity(ctx: click.Context, param: click.Parameter, value) -> None:
+    """``cellseg predict ... -q`` means ``cellseg -q predict ...``: the flags after the
+    sub-command add to the group's, and logging is configured again with the sum."""
+    if not value:
+        return
+    settings = ctx.find_root().obj
+    if param.name == "late_verbose":
+        settings["verbose"] += value
+    else:
+        settings["quiet"] = True
+    if settings["verbose"] and settings["quiet"]:
+        raise click.UsageError("-v and -q contradict each other", ctx=ctx)
+    configure_logging(settings["verbose"], settings["quiet"])
+
+
+def _with_verbosity_flags(command: click.Command) -> click.Command:
+    """Adds the group's -v/-q to a sub-command (hidden from its help; same meaning)."""
+    command.params += [
+        click.Option(
+            ["-v", "--verbose", "late_verbose"],
+            count=True,
+            expose_value=False,
+            callback=_late_verbosity,
+            help="Same as 'cellseg -v'.",
+        ),
+        click.Option(
+            ["-q", "--quiet", "late_quiet"],
+            is_flag=True,
+            expose_value=False,
+            callback=_late_verbosity,
+            help="Same as 'cellseg -q'.",
+        ),
+    ]
+    return command
+
+
+cellseg.add_command(_with_verbosity_flags(train_command), "train")
+cellseg.add_command(_with_verbosity_flags(evaluate_command), "evaluate")
 try:  # the predict command lives in its own module
     from .predict import predict_command
 
-    cellseg.add_command(predict_command, "predict")
+    cellseg.add_command(_with_verbosity_flags(predict_command), "predict")
 except ImportError:  # pragma: no cover - only while the module is being written
     pass
 

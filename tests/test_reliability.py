@@ -266,6 +266,26 @@ def test_info_logs_the_mpp_source_and_the_level(tmp_path, disc_slide, oracle):
     assert "pyramid level 0" in result.stderr
 
 
+def test_verbosity_flags_work_after_the_sub_command_too(tmp_path, disc_slide, oracle):
+    try:
+        late = CliRunner().invoke(
+            cellseg, ["predict", str(disc_slide), "--out", str(tmp_path / "a.geojson"), "-v"]
+        )
+        assert late.exit_code == 0, late.output
+        assert "0.5 µm/px from openslide.mpp-x" in late.stderr
+        both = CliRunner().invoke(
+            cellseg, ["-v", "predict", str(disc_slide), "--out", str(tmp_path / "b.geojson"), "-q"]
+        )
+        assert both.exit_code == 2
+        assert both.stderr.splitlines() == [
+            "error: -v and -q contradict each other (see 'cellseg predict --help')"
+        ]
+        assert not (tmp_path / "b.geojson").exists()
+    finally:
+        logging.getLogger().handlers.clear()
+        logging.captureWarnings(False)
+
+
 def test_a_bug_inside_slide_reading_is_not_called_a_bad_slide(disc_slide, monkeypatch):
     def buggy(self, level, xy_level, size_xy):
         raise KeyError("a bug, not a broken file")
