@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
+from .atomic import atomic_path, write_atomic
 from .causal import CIMConfig, SampleWeighting
 from .checkpoint import file_sha256, load_bundle, save_bundle
 from .data import (
@@ -383,9 +384,8 @@ class Trainer:
             "precision": self.precision,
             **self.rng_state(),
         }
-        tmp = self.out / "last_state.pt.partial"
-        torch.save(state, tmp)
-        tmp.replace(self.out / "last_state.pt")
+        with atomic_path(self.out / "last_state.pt") as tmp:
+            torch.save(state, tmp)
 
     def load_state(self) -> None:
         path = self.out / "last_state.pt"
@@ -470,7 +470,7 @@ class Trainer:
                 "model": self.model_config.to_dict(),
                 **self.describe(),
             }
-            (self.out / "options.json").write_text(json.dumps(info, indent=2))
+            write_atomic(self.out / "options.json", json.dumps(info, indent=2))
         log_path = self.out / "log.jsonl"
         val_dice = self.best_dice
         while self.epoch < self.opts.epoch_budget:
@@ -507,8 +507,8 @@ class Trainer:
             if self.progress:
                 print(_epoch_line(record), flush=True)
         if self.best_epoch < 0:  # too few epochs to pass best_after_epoch: last is the best we have
-            (self.out / "best.safetensors").write_bytes(
-                (self.out / "last.safetensors").read_bytes()
+            write_atomic(
+                self.out / "best.safetensors", (self.out / "last.safetensors").read_bytes()
             )
             self.best_epoch, self.best_dice = self.epoch, val_dice
         return {
