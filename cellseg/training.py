@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .atomic import atomic_path, write_atomic
 from .causal import CIMConfig, SampleWeighting
-from .checkpoint import file_sha256, load_bundle, save_bundle
+from .checkpoint import ModelBundle, file_sha256, load_bundle, save_bundle
 from .data import (
     UCTRANSNET_VAL_IDS,
     PaperDataset,
@@ -41,7 +41,7 @@ from .data import (
     resize_sample,
 )
 from .errors import DataError
-from .inference import predict_array, resolve_device
+from .inference import Predictor, predict_array, resolve_device
 from .instances import PostProcess
 from .losses import segmentation_loss
 from .metrics import dice
@@ -304,21 +304,14 @@ class Trainer:
                 fg = (1 - torch.softmax(logits.float(), dim=1)[:, 0]).cpu().numpy() > 0.5
                 scores += [dice(p, t > 0) for p, t in zip(fg, y.numpy() > 0, strict=True)]
         else:
-            predictor = self._tile_predictor()
+            # The predictor and blending of `cellseg predict`, at the training precision.
+            meta = {"name": self.out.name, "mpp": self.model_mpp, "tile_px": 224}
+            bundle = ModelBundle(self.model, self.model_config, meta)
+            predictor = Predictor(bundle, device=str(self.device), precision=self.precision)
             for s in self.val_resized:
                 probs = predict_array(s.image, predictor, 224, self.opts.val_overlap_px)
                 scores.append(dice((1 - probs[0]) > 0.5, s.labels > 0))
         return float(np.mean(scores))
-
-    def _tile_predictor(self):
-        def run(tiles: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(tiles).to(self.device).permute(0, 3, 1, 2).float() / 255
-            x = self._to_device(x)
-            with self._autocast():
-                logits = self.model(x)
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
-
-        return run
 
     # --------------------------------------------------------- checkpoints
     def bundle_meta(self, val_dice: float) -> dict:
