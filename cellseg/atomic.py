@@ -8,6 +8,10 @@ crosses file systems), is flushed and fsynced, and only then renamed over the fi
 failure the staged file is removed and the error propagates unchanged, so callers keep turning
 ``OSError`` into their one-line ``OutputError`` (``cellseg.outputs.os_error_message``).
 
+The staged name is fixed rather than random, so a writer killed mid-write leaves one file that
+the next write of the same output replaces (no litter accumulates); the price is one writer per
+final name at a time, which every caller has (a slide lock, the cohort lock, one training run).
+
 ``publish=False`` stops before the rename and leaves the complete file under its staged name:
 whole-slide prediction renames all of a slide's staged outputs together, in a fixed order, once
 every one is complete (``cellseg.predict._publish``).
