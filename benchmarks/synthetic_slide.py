@@ -30,6 +30,8 @@ import numpy as np
 import tifffile
 from skimage.draw import ellipse
 
+from cellseg.atomic import atomic_path
+
 TILE_PX = 256
 APERIO_PREFIX = "Aperio Image Library v12.0.15"
 JPEG_QUALITY = 85
@@ -296,18 +298,15 @@ def write_synthetic_slide(
     nuclei = place_nuclei(*slide_wh_um, spec)
     downsamples = pyramid_downsamples(width_px, height_px)
     thumb_down = 2 ** max(0, math.ceil(math.log2(max(width_px, height_px) / THUMBNAIL_MAX_PX)))
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with tifffile.TiffWriter(partial, bigtiff=3 * width_px * height_px >= 2**32) as tif:
-            for index, down in enumerate(downsamples):
-                _write_level(tif, (width_px, height_px), mpp, down, index, nuclei, spec.seed)
-                if index == 0:
-                    thumb_um = mpp * thumb_down
-                    _write_thumbnail(tif, width_px, height_px, thumb_um, slide_wh_um, nuclei)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(path)
+    with (
+        atomic_path(path) as partial,
+        tifffile.TiffWriter(partial, bigtiff=3 * width_px * height_px >= 2**32) as tif,
+    ):
+        for index, down in enumerate(downsamples):
+            _write_level(tif, (width_px, height_px), mpp, down, index, nuclei, spec.seed)
+            if index == 0:
+                thumb_um = mpp * thumb_down
+                _write_thumbnail(tif, width_px, height_px, thumb_um, slide_wh_um, nuclei)
     return SyntheticSlide(
         path=path,
         width_px=width_px,

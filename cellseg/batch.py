@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .atomic import AtomicFile
 from .errors import BusyError, CellsegError, ModelError, OutputError
 from .outputs import os_error_message
 from .predict import PredictOptions, SlideOutputs, _precision_of, predict_slide
@@ -301,12 +302,8 @@ def _merge_cohort(path: Path, rows: list[dict[str, Any]]) -> None:
             if row["status"] == "busy" and row["slide"] in merged:
                 continue
             merged[row["slide"]] = {k: _csv_value(row.get(k, "")) for k in COHORT_COLUMNS}
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "w", newline="") as f:
+        with AtomicFile(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COHORT_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             for slide in sorted(merged):
                 writer.writerow(merged[slide])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)

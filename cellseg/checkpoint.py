@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .errors import ModelError
 from .model import ModelConfig, build_model
 
@@ -65,9 +65,8 @@ def save_bundle(
         "meta": json.dumps(meta),
     }
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
 
 
 def load_bundle(path: Path | str, device: str | torch.device = "cpu") -> ModelBundle:

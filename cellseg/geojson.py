@@ -32,7 +32,6 @@ import io
 import itertools
 import logging
 import math
-import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +43,8 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 from skimage import measure
+
+from .atomic import AtomicFile
 
 log = logging.getLogger(__name__)
 
@@ -619,8 +620,10 @@ class GeoJSONWriter:
         if len(color) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in color):
             raise ValueError(f"color must be three integers 0-255, got {color!r}")
         self.path = Path(path)
-        self.partial_path = self.path.with_name(self.path.name + ".partial")
-        self.publish = publish  # False: the caller renames partial_path (with other outputs)
+        # publish=False: the caller renames partial_path (with other outputs).
+        self._file = AtomicFile(self.path, "wb", publish=publish)
+        self.partial_path = self._file.staged
+        self.publish = publish
         self.object_type = object_type
         self.classification = {"name": class_name, "color": list(color)}
         self.id_namespace = id_namespace
@@ -629,7 +632,7 @@ class GeoJSONWriter:
         self._text: io.TextIOWrapper | None = None
 
     def __enter__(self) -> GeoJSONWriter:
-        self._raw = open(self.partial_path, "wb")  # closed in close() or abort()
+        self._raw = self._file.open()  # closed in close() or abort()
         stream: IO[bytes] = self._raw
         if self.path.suffix == ".gz":
             # mtime=0 and the final name in the header make the output reproducible.
@@ -709,24 +712,19 @@ class GeoJSONWriter:
             stream = self._text.detach()
             if stream is not self._raw:
                 stream.close()  # writes the gzip trailer; GzipFile leaves our fileobj open
-            self._raw.flush()
-            os.fsync(self._raw.fileno())  # the rename must not publish unwritten data
-            self._raw.close()
         except BaseException:
             self.abort()
             raise
         self._text = self._raw = None
-        if self.publish:
-            os.replace(self.partial_path, self.path)
+        self._file.commit()  # fsync, then rename (publish); removes the partial file on failure
         log.info("wrote %d features to %s", self.features_written, self.path)
 
     def abort(self) -> None:
         """Discard everything written so far; nothing appears under ``path``."""
-        for stream in (self._text, self._raw):
-            if stream is not None:
-                try:
-                    stream.close()
-                except (OSError, ValueError):  # ValueError: already detached or closed
-                    log.debug("ignored error closing %s", self.partial_path, exc_info=True)
+        if self._text is not None:
+            try:
+                self._text.close()
+            except (OSError, ValueError):  # ValueError: already detached or closed
+                log.debug("ignored error closing %s", self.partial_path, exc_info=True)
         self._text = self._raw = None
-        self.partial_path.unlink(missing_ok=True)
+        self._file.abort()  # closes the file and removes it

@@ -26,6 +26,8 @@ from typing import Any
 
 import shapely
 
+from .atomic import write_atomic
+
 log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
@@ -150,9 +152,7 @@ class Journal:
             "counters": self.counters,
             "publishing": self.publishing,
         }
-        tmp = self.work_dir / (PROGRESS + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.work_dir / PROGRESS)
+        write_atomic(self.work_dir / PROGRESS, json.dumps(state, indent=1))
 
     def mark_publishing(self, summary: dict[str, Any]) -> None:
         """Commits that every output is complete under its partial name and that renaming them

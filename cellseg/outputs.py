@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
 from .errors import BusyError, OutputError
 
 log = logging.getLogger(__name__)
@@ -325,12 +326,5 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def write_json_atomic(path: Path, data: dict[str, Any], partial: Path | None = None) -> Path:
     """Writes ``data`` to ``partial`` (default ``<path>.partial``), fsyncs, renames to ``path``
     unless ``partial`` was given (the caller publishes it). Returns the file written."""
-    target = partial or path.with_name(path.name + ".partial")
-    with open(target, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    if partial is None:
-        os.replace(target, path)
-        return path
-    return target
+    text = json.dumps(data, indent=2) + "\n"
+    return write_atomic(path, text, staged=partial, publish=partial is None)

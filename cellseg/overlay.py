@@ -9,7 +9,6 @@ and drawn one at a time.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from shapely.geometry import Polygon
 
+from .atomic import AtomicFile
 from .errors import CellsegError
 from .slide import Slide
 
@@ -80,9 +80,7 @@ def draw_overlay(
     for polygon in outlines:
         xy = (np.asarray(polygon.exterior.coords) + shift) / step
         draw.polygon([tuple(p) for p in xy], outline=color)
-    partial = path.with_name(path.name + ".partial")
-    image.save(partial, format=fmt)
-    if not publish:
-        return partial
-    os.replace(partial, path)
-    return path
+    picture_file = AtomicFile(path, "wb", publish=publish)
+    with picture_file as f:
+        image.save(f, format=fmt)
+    return path if publish else picture_file.staged

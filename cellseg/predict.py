@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .atomic import staged_name
 from .errors import CellsegError, OutputError, SlideError
 from .geojson import OBJECT_TYPES, GeoJSONWriter, feature_namespace
 from .instances import PostProcess
@@ -191,7 +192,7 @@ class SlideOutputs:
     def zarr_partial(self) -> Path:
         """Where the Zarr group is built (beside its final name, or in the work folder)."""
         if self.zarr is not None:
-            return self.zarr.with_name(self.zarr.name + ".partial")
+            return staged_name(self.zarr)
         return self.work_dir / "work.zarr"
 
     def is_resumable(self) -> bool:
@@ -219,7 +220,7 @@ class SlideOutputs:
         """Where ``path`` is written before all outputs are renamed together."""
         if path == self.zarr:
             return self.zarr_partial
-        return path.with_name(path.name + ".partial")
+        return staged_name(path)
 
     def publish_order(self) -> list[Path]:
         """Final paths in renaming order; the provenance comes last (it vouches for the rest)."""

@@ -30,13 +30,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
+from .atomic import atomic_path, write_atomic
 from .augment import AugmentParams
 from .causal import CIMConfig, SampleWeighting
-from .checkpoint import file_sha256, load_bundle, save_bundle
+from .checkpoint import ModelBundle, file_sha256, load_bundle, save_bundle
 from .data import UCTRANSNET_VAL_IDS, Sample, find_samples, load_sample, read_ids, split_by_group
 from .datasets import BalancedDomains, PaperDataset, PatchMosaicDataset, WsiDataset
 from .errors import DataError
-from .inference import predict_array, resolve_device
+from .inference import Predictor, predict_array, resolve_device
 from .instances import PostProcess
 from .losses import segmentation_loss
 from .metrics import dice
@@ -364,7 +365,10 @@ class Trainer:
                 fg = (1 - torch.softmax(logits.float(), dim=1)[:, 0]).cpu().numpy() > 0.5
                 scores += [dice(p, t > 0) for p, t in zip(fg, y.numpy() > 0, strict=True)]
         else:
-            predictor = self._tile_predictor()
+            # The predictor and blending of `cellseg predict`, at the training precision.
+            meta = {"name": self.out.name, "mpp": self.model_mpp, "tile_px": 224}
+            bundle = ModelBundle(self.model, self.model_config, meta)
+            predictor = Predictor(bundle, device=str(self.device), precision=self.precision)
             self.val_dice_by_domain = {}
             for domain in self.domains:
                 domain_scores = []
@@ -375,16 +379,6 @@ class Trainer:
             # Each domain weighs the same, like in training (CoNSeP has 80 patches, MoNuSeg 6).
             scores = list(self.val_dice_by_domain.values())
         return float(np.mean(scores))
-
-    def _tile_predictor(self):
-        def run(tiles: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(tiles).to(self.device).permute(0, 3, 1, 2).float() / 255
-            x = self._to_device(x)
-            with self._autocast():
-                logits = self.model(x)
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
-
-        return run
 
     # --------------------------------------------------------- checkpoints
     def bundle_meta(self, val_dice: float) -> dict:
@@ -455,9 +449,8 @@ class Trainer:
             "precision": self.precision,
             **self.rng_state(),
         }
-        tmp = self.out / "last_state.pt.partial"
-        torch.save(state, tmp)
-        tmp.replace(self.out / "last_state.pt")
+        with atomic_path(self.out / "last_state.pt") as tmp:
+            torch.save(state, tmp)
 
     def load_state(self) -> None:
         path = self.out / "last_state.pt"
@@ -542,7 +535,7 @@ class Trainer:
                 "model": self.model_config.to_dict(),
                 **self.describe(),
             }
-            (self.out / "options.json").write_text(json.dumps(info, indent=2))
+            write_atomic(self.out / "options.json", json.dumps(info, indent=2))
         log_path = self.out / "log.jsonl"
         val_dice = self.best_dice
         while self.epoch < self.opts.epoch_budget:
@@ -581,8 +574,8 @@ class Trainer:
             if self.progress:
                 print(_epoch_line(record), flush=True)
         if self.best_epoch < 0:  # too few epochs to pass best_after_epoch: last is the best we have
-            (self.out / "best.safetensors").write_bytes(
-                (self.out / "last.safetensors").read_bytes()
+            write_atomic(
+                self.out / "best.safetensors", (self.out / "last.safetensors").read_bytes()
             )
             self.best_epoch, self.best_dice = self.epoch, val_dice
         return {

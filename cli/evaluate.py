@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -61,6 +60,7 @@ def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device
       cellseg evaluate --data ../shared/data/monuseg/test --model runs/wsi/best.safetensors \\
           --protocol native --json metrics.json
     """
+    from cellseg.atomic import write_atomic
     from cellseg.checkpoint import default_model_path, load_bundle
     from cellseg.data import find_samples, load_sample, read_ids
     from cellseg.evaluation import evaluate
@@ -95,6 +95,4 @@ def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device
     click.echo(f"{'mean':<28}" + "".join(f"{summ[c]['mean']:9.4f}" for c in cols))
     click.echo(f"{'std':<28}" + "".join(f"{summ[c]['std']:9.4f}" for c in cols))
     if json_out is not None:
-        tmp = json_out.with_name(json_out.name + ".partial")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, json_out)
+        write_atomic(json_out, json.dumps(result, indent=2))

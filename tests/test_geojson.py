@@ -403,7 +403,7 @@ def test_failure_while_finishing_leaves_no_file(
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("cellseg.geojson.os.fsync", disk_full)
+    monkeypatch.setattr("cellseg.atomic.os.fsync", disk_full)
     with pytest.raises(OSError, match="No space"), GeoJSONWriter(tmp_path / "n.geojson.gz") as w:
         w.write(nuclei[0])
     assert list(tmp_path.iterdir()) == []

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from synthetic import write_monuseg
 
 from cellseg import causal
+from cellseg.checkpoint import load_bundle
 from cellseg.datasets import PaperDataset
+from cellseg.inference import Predictor, predict_array
+from cellseg.metrics import dice
 from cellseg.training import Trainer, TrainOptions, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,6 +118,24 @@ def test_resume_is_exact_and_the_data_order_ignores_the_cim(
     train(options(monuseg, tmp_path / "no_cim", epochs=3, use_cim=False), progress=False)
     assert item_log == order_with_cim  # the ablation sees the same batches in the same order
     assert len({index for _, index in order_with_cim}) == 3  # the shuffle did pick differently
+
+
+def test_wsi_validation_is_the_predictor_of_cellseg_predict(monuseg, tmp_path):
+    """One tile predictor: the validation Dice of a wsi run is what ``inference.Predictor`` and
+    ``predict_array`` (the code ``cellseg predict`` and ``evaluate`` run) give for its saved
+    model, to the last bit."""
+    out = tmp_path / "wsi"
+    opts = options(monuseg, out, preset="wsi", mpp=0.25, epochs=1, use_cim=False, precision="fp32")
+    trainer = Trainer(opts, progress=False)
+    trainer.run()
+    record = json.loads((out / "log.jsonl").read_text())
+    predictor = Predictor(load_bundle(out / "last.safetensors"), device="cpu", precision="fp32")
+    assert predictor.mpp == 0.25
+    scores = []
+    for sample in trainer.val_resized:
+        probs = predict_array(sample.image, predictor, 224, opts.val_overlap_px)
+        scores.append(dice((1 - probs[0]) > 0.5, sample.labels > 0))
+    assert record["val_dice"] == float(np.mean(scores))
 
 
 def test_cim_draws_on_the_features_device(monuseg, tmp_path, monkeypatch):
