@@ -149,10 +149,12 @@ def nucleus_outline(
     scale: float,
     offset_xy: tuple[float, float],
 ) -> Polygon | None:
-    """The nucleus's polygon in QuPath level-0 pixels, or None when degenerate.
+    """The nucleus's pixel polygon in QuPath level-0 pixels, or None when degenerate.
 
     :func:`extract_region` outlines all owned nuclei of a window with one
-    :func:`cellseg.geojson.label_polygons` call, which gives this same polygon for each.
+    :func:`cellseg.geojson.label_polygons` call, which gives this same polygon for each when the
+    probabilities are binary; otherwise its vertices follow the probability to sub-pixel
+    positions.
 
     Args:
         labels: the window's label map.
@@ -224,8 +226,10 @@ def extract_region(
     """
     probs = probabilities_from_store(nucleus_u8, interior_u8)
     labels = label_instances(probs, job.model_mpp, job.params)
-    owned, dropped = owned_nuclei(labels, 1.0 - probs[0], job.window, job.core, job.canvas_hw)
-    outlines = _outlines(labels, [nucleus.local_label for nucleus in owned], job)
+    nucleus_prob = 1.0 - probs[0]
+    owned, dropped = owned_nuclei(labels, nucleus_prob, job.window, job.core, job.canvas_hw)
+    # Sub-pixel outlines: the fg_threshold contour of the probability the mask was cut from.
+    outlines = _outlines(labels, [nucleus.local_label for nucleus in owned], job, nucleus_prob)
     outlined = [nucleus for nucleus in owned if nucleus.local_label in outlines]
     ids = [nucleus.local_label for nucleus in outlined]
     values = _measure(labels, rgb, ids, outlines, job.slide_mpp, "Nucleus")
@@ -241,9 +245,20 @@ def extract_region(
     return RegionNuclei(labels if job.keep_labels else None, nuclei, dropped, cells)
 
 
-def _outlines(labels: np.ndarray, ids: list[int], job: RegionJob) -> dict[int, Polygon]:
-    """Level-0 polygons of some labels of the window (those whose outline is not degenerate)."""
-    return label_polygons(labels, ids, (job.window[2], job.window[0]), job.scale, job.offset_xy)
+def _outlines(
+    labels: np.ndarray, ids: list[int], job: RegionJob, nucleus_prob: np.ndarray | None = None
+) -> dict[int, Polygon]:
+    """Level-0 polygons of some labels of the window (those whose outline is not degenerate):
+    sub-pixel ones following ``nucleus_prob`` when given (nuclei), pixel ones otherwise (cells)."""
+    return label_polygons(
+        labels,
+        ids,
+        (job.window[2], job.window[0]),
+        job.scale,
+        job.offset_xy,
+        probability=nucleus_prob,
+        level=job.params.fg_threshold,
+    )
 
 
 def _measure(
