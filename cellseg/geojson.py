@@ -484,7 +484,8 @@ def label_polygons(
             the outline is the sub-pixel ``level`` contour of the probability, with the
             topology of the label map; vertices shared with another instance stay on the pixel
             edge between them, so touching nuclei still do not overlap.
-        level: the threshold the labels were made with (``PostProcess.fg_threshold``).
+        level: the contour level, at most the threshold the labels were made with (a lower
+            one moves vertices outwards, at most to :data:`_CROSSING_LIMITS` of the way).
 
     Returns:
         ``{id: polygon}`` in increasing id order, for the ids whose outline is not degenerate
@@ -552,7 +553,7 @@ def _level_crossings(
         ring_labels: ``N`` label of the instance each vertex outlines.
         labels: ``h×w`` integer label map.
         probability: ``h×w`` float map that ``labels`` was thresholded from.
-        level: the threshold.
+        level: the contour level.
 
     Returns:
         ``(rows_cols, pinned)``: ``N×2`` float64 moved (row, col), and ``N`` bool, True for the
