@@ -42,6 +42,7 @@ from typing import IO, Any
 import geojson as gj  # the python-geojson package: builds the Feature objects
 import numpy as np
 import shapely
+from scipy import ndimage as ndi
 from shapely.geometry import MultiPolygon, Polygon
 from skimage import measure
 
@@ -480,12 +481,13 @@ def label_polygons(
         probability: ``h×w`` float map the labels were thresholded from (the nucleus
             probability), or None. With it, each outline vertex that lies between a pixel of its
             instance and a background pixel is moved along that pixel pair to where the linear
-            interpolation of ``probability`` crosses ``level`` (:func:`_level_crossings`), so
+            interpolation of ``probability`` crosses ``level`` (:func:`_level_crossings`; for a
+            ``level`` below the labels' threshold, instances first take the touching background
+            pixels above it, :func:`_grow_to_level`), so
             the outline is the sub-pixel ``level`` contour of the probability, with the
             topology of the label map; vertices shared with another instance stay on the pixel
             edge between them, so touching nuclei still do not overlap.
-        level: the contour level, at most the threshold the labels were made with (a lower
-            one moves vertices outwards, at most to :data:`_CROSSING_LIMITS` of the way).
+        level: the contour level, at most the threshold the labels were made with.
 
     Returns:
         ``{id: polygon}`` in increasing id order, for the ids whose outline is not degenerate
@@ -499,6 +501,8 @@ def label_polygons(
         raise ValueError(f"instance ids must be positive, got {ids[0]}")
     if probability is not None and np.shape(probability) != labels.shape:
         raise ValueError(f"probability {np.shape(probability)} differs from labels {labels.shape}")
+    if probability is not None:
+        labels = _grow_to_level(labels, probability, level)
     dense = _dense_labels(labels, ids)
     stride = 2 * dense.shape[1]
     instance, source_code, target_code = _square_segments(dense)
@@ -520,6 +524,25 @@ def label_polygons(
             _crop_polygons(found, sizes, crop_rows_cols, box_origin, origin_xy, scale, offset_xy)
         )
     return polygons
+
+
+_CROSS_4 = ndi.generate_binary_structure(2, 1)
+
+
+def _grow_to_level(labels: np.ndarray, probability: np.ndarray, level: float) -> np.ndarray:
+    """``labels`` plus the background pixels above ``level`` that touch an instance (4-connected;
+    the largest touching label takes one), for a ``level`` below the labels' own threshold.
+
+    Without it a vertex could not reach a crossing beyond the first background pixel (its pixel
+    pair ends there): a contour at 0.5 of a mask cut at 0.6 would stay inside the 0.6 one. One
+    pixel is enough for the steep edges of nuclei, and keeps the outline inside any cell grown
+    from the same labels (``expand_labels`` by at least one pixel).
+    """
+    above = (labels == 0) & (probability > level)
+    if not above.any():
+        return labels
+    grown = ndi.maximum_filter(labels, footprint=_CROSS_4, mode="constant", cval=0)
+    return np.where(above, grown, labels)
 
 
 # Sub-pixel vertices move at most this fraction of the way to either pixel centre of their pixel
