@@ -16,11 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import shapely
 from scipy import ndimage as ndi
 from shapely.geometry import Polygon
 from skimage.segmentation import expand_labels
 
-from .geojson import label_polygons, mask_polygon
+from .geojson import GRID_PX, label_polygons, mask_polygon, snap_polygon
 from .instances import PostProcess, label_instances
 from .measurements import shape_measurements, stain_measurements
 from .tiling import Box
@@ -239,12 +240,16 @@ def extract_region(
     outlines = _outlines(labels, [nucleus.local_label for nucleus in owned], job, nucleus_prob)
     outlined = [nucleus for nucleus in owned if nucleus.local_label in outlines]
     ids = [nucleus.local_label for nucleus in outlined]
+    if job.cell_expansion_px > 0:
+        grown = expand_labels(labels, distance=job.cell_expansion_px)
+        cell_outlines = _outlines(grown, ids, job)
+        outlines = _inside_cells(outlines, cell_outlines)
     values = _measure(labels, rgb, ids, outlines, job.slide_mpp, "Nucleus")
     for nucleus, measured in zip(outlined, values, strict=True):
         measured[PROBABILITY_KEY] = nucleus.mean_probability
     cells: dict[int, Polygon] = {}
     if job.cell_expansion_px > 0:
-        cells, values = _cells(labels, rgb, ids, values, job)
+        cells, values = _cells(grown, cell_outlines, rgb, ids, values, job)
     nuclei = [
         (label, outlines[label], {k: round(v, DECIMALS) for k, v in measured.items()})
         for label, measured in zip(ids, values, strict=True)
@@ -284,20 +289,49 @@ def _measure(
     return [{**a, **b} for a, b in zip(shapes, stains, strict=True)]
 
 
+def _inside_cells(outlines: dict[int, Polygon], cells: dict[int, Polygon]) -> dict[int, Polygon]:
+    """Nucleus outlines clipped to their cells (:func:`_cells`), where they poke out.
+
+    A sub-pixel nucleus outline may reach up to a pixel beyond its mask, into a background pixel
+    that the cell expansion gave to a neighbour's cell; QuPath expects a cell to contain its
+    nucleus. Such outlines are clipped to the cell shrunk by one grid step, so that snapping the
+    result to the 0.01 px grid (which moves vertices by under 0.0071 px) keeps it inside the
+    cell; should nothing valid be left (never in practice) the outline is kept as it was.
+    """
+    ids = [i for i in outlines if i in cells]
+    if not ids:
+        return outlines
+    nuclei = np.asarray([outlines[i] for i in ids], dtype=object)
+    rooms = np.asarray([cells[i] for i in ids], dtype=object)
+    outside = ~shapely.covered_by(nuclei, rooms)
+    clipped = dict(outlines)
+    for label, part in zip(
+        np.asarray(ids)[outside].tolist(),
+        shapely.intersection(
+            nuclei[outside], shapely.buffer(rooms[outside], -GRID_PX, join_style="mitre")
+        ),
+        strict=True,
+    ):
+        polygon = snap_polygon(part) if not part.is_empty else None
+        if polygon is not None:
+            clipped[label] = polygon
+    return clipped
+
+
 def _cells(
-    labels: np.ndarray,
+    grown: np.ndarray,
+    outlines: dict[int, Polygon],
     rgb: np.ndarray | None,
     ids: list[int],
     values: list[dict[str, float]],
     job: RegionJob,
 ) -> tuple[dict[int, Polygon], list[dict[str, float]]]:
     """Cells grown from the nuclei, as QuPath's cell expansion does: every pixel within
-    ``cell_expansion_px`` of a nucleus goes to the nearest one (skimage ``expand_labels``, so
-    no two cells overlap). All nuclei of the window take part, owned or not, so a cell on a
-    region seam is bounded by its neighbours in the next region exactly as they are by it.
-    Nuclei whose cell outline is degenerate (never in practice) keep no cell."""
-    grown = expand_labels(labels, distance=job.cell_expansion_px)
-    outlines = _outlines(grown, ids, job)
+    ``cell_expansion_px`` of a nucleus goes to the nearest one (``grown``, skimage
+    ``expand_labels`` of the labels, so no two cells overlap), with their ``outlines``. All
+    nuclei of the window take part, owned or not, so a cell on a region seam is bounded by its
+    neighbours in the next region exactly as they are by it. Nuclei whose cell outline is
+    degenerate (never in practice) keep no cell."""
     kept = [i for i in ids if i in outlines]
     cell_values = dict(
         zip(kept, _measure(grown, rgb, kept, outlines, job.slide_mpp, "Cell"), strict=True)

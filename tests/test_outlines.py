@@ -247,3 +247,31 @@ def test_thinning_keeps_pinned_vertices_and_stays_within_tolerance() -> None:
     assert all(tuple(point) in kept for point in ring[pinned].tolist())
     before, after = Polygon(ring), Polygon(thinned)
     assert before.hausdorff_distance(after) < 3 * THIN_TOLERANCE_PX
+
+
+def test_cells_contain_their_sub_pixel_nuclei() -> None:
+    """A nucleus outline reaching into a pixel the cell expansion gave to a neighbour is clipped
+    to its own cell (QuPath's cells contain their nucleus); cells still do not overlap."""
+    nucleus_u8, _ = _touching_discs()
+    h, w = nucleus_u8.shape
+    for expansion_px in (1, 3):
+        job = RegionJob(
+            window=(0, h, 0, w),
+            core=(0, h, 0, w),
+            canvas_hw=(h, w),
+            model_mpp=MODEL_MPP,
+            params=PostProcess(fg_threshold=0.6),
+            scale=SCALE,
+            offset_xy=(0.0, 0.0),
+            slide_mpp=SLIDE_MPP,
+            cell_expansion_px=expansion_px,
+        )
+        region = extract_region(nucleus_u8, None, job)
+        assert len(region.cells) == len(region.nuclei) >= 7
+        for label, nucleus, measured in region.nuclei:
+            cell = region.cells[label]
+            assert cell.covers(nucleus) and _qupath_accepts(nucleus)
+            ratio = measured["Nucleus/Cell area ratio"]
+            assert ratio == pytest.approx(nucleus.area / cell.area, abs=1e-4)
+        for first, second in itertools.combinations(region.cells.values(), 2):
+            assert first.intersection(second).area == pytest.approx(0.0, abs=1e-9)
