@@ -275,3 +275,33 @@ def test_cells_contain_their_sub_pixel_nuclei() -> None:
             assert ratio == pytest.approx(nucleus.area / cell.area, abs=1e-4)
         for first, second in itertools.combinations(region.cells.values(), 2):
             assert first.intersection(second).area == pytest.approx(0.0, abs=1e-9)
+
+
+def test_probability_must_match_the_labels() -> None:
+    labels = np.zeros((8, 8), np.int32)
+    labels[2:5, 2:5] = 1
+    with pytest.raises(ValueError, match="probability"):
+        label_polygons(labels, [1], (0, 0), 1.0, probability=np.zeros((8, 7)))
+
+
+def test_the_benchmark_rasterises_polygons_by_pixel_centre(tmp_path) -> None:
+    """benchmarks/outline_accuracy.py: pixel (r, c) is the polygon's when (c + 0.5, r + 0.5) is
+    inside, so a mask's pixel outline rasterises back to the mask."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import outline_accuracy
+
+    from cellseg.geojson import GeoJSONWriter
+
+    nucleus_u8, _ = _touching_discs()
+    region = _region(nucleus_u8)
+    ids = np.unique(region.labels)[1:]
+    pixel = label_polygons(region.labels, ids, (0, 0), 1.0)
+    with GeoJSONWriter(tmp_path / "n.geojson") as writer:
+        for polygon in pixel.values():
+            writer.write(polygon)
+    labels, vertices = outline_accuracy.rasterise_geojson(tmp_path / "n.geojson", nucleus_u8.shape)
+    np.testing.assert_array_equal(labels > 0, region.labels > 0)
+    assert vertices == sum(len(p.exterior.coords) - 1 for p in pixel.values())
