@@ -491,10 +491,10 @@ def label_polygons(
             instance and a background pixel is moved along that pixel pair to where the linear
             interpolation of ``probability`` crosses ``level`` (:func:`_level_crossings`; for a
             ``level`` below the labels' threshold, instances first take the touching background
-            pixels above it, :func:`_grow_to_level`), so
-            the outline is the sub-pixel ``level`` contour of the probability, with the
-            topology of the label map; vertices shared with another instance stay on the pixel
-            edge between them, so touching nuclei still do not overlap.
+            pixels above it, :func:`_grow_to_level`), so the outline is the sub-pixel ``level``
+            contour of the probability, with the topology of the label map; vertices shared
+            with another instance stay on the pixel edge between them, so touching nuclei still
+            do not overlap. Vertices are then thinned (:func:`_thin_rings`).
         level: the contour level, at most the threshold the labels were made with.
 
     Returns:
@@ -543,8 +543,8 @@ def _grow_to_level(labels: np.ndarray, probability: np.ndarray, level: float) ->
 
     Without it a vertex could not reach a crossing beyond the first background pixel (its pixel
     pair ends there): a contour at 0.5 of a mask cut at 0.6 would stay inside the 0.6 one. One
-    pixel is enough for the steep edges of nuclei, and keeps the outline inside any cell grown
-    from the same labels (``expand_labels`` by at least one pixel).
+    pixel is enough for the steep edges of nuclei. (A grown pixel may belong to a neighbour's
+    cell; :func:`cellseg.nuclei.extract_region` clips such nuclei to their cells.)
     """
     above = (labels == 0) & (probability > level)
     if not above.any():
@@ -564,7 +564,7 @@ def _level_crossings(
     labels: np.ndarray,
     probability: np.ndarray,
     level: float,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Marching-squares vertices of binary instance masks moved to the ``level`` crossing of
     ``probability``.
 
