@@ -15,6 +15,7 @@ script, not the official evaluation path (``cellseg evaluate --protocol native``
 
     python benchmarks/outline_accuracy.py --before-src /tmp/cellseg-base
     python benchmarks/outline_accuracy.py --tiles 2            # a quick part
+    python benchmarks/outline_accuracy.py --levels 0.6,0.55,0.5,0.45,0.4   # other contour levels
 """
 
 from __future__ import annotations
@@ -70,11 +71,7 @@ def run_predict(src: Path, images: list[Path], out_dir: Path) -> float:
 
 def polygon_stage_s(zarr_path: Path, repeats: int = 3) -> tuple[float, float]:
     """Best-of-``repeats`` seconds of label_polygons on a Zarr's labels: pixel, sub-pixel."""
-    group = zarr.open_group(str(zarr_path), mode="r")
-    labels = np.asarray(group["labels/nuclei/0"][:]).astype(np.int64)
-    labels = labels.reshape(labels.shape[-2:])
-    probability = np.asarray(group["0"][:]).astype(np.float32) / 255.0
-    probability = probability.reshape(probability.shape[-2:])
+    labels, probability = _zarr_maps(zarr_path)
     ids = np.unique(labels)[1:]
     times = []
     for options in ({}, {"probability": probability}):
@@ -85,6 +82,52 @@ def polygon_stage_s(zarr_path: Path, repeats: int = 3) -> tuple[float, float]:
             best = min(best, time.perf_counter() - start)
         times.append(best)
     return times[0], times[1]
+
+
+def _zarr_maps(zarr_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, nucleus probability in [0, 1])`` at the model's resolution from a Zarr output."""
+    group = zarr.open_group(str(zarr_path), mode="r")
+    labels = np.asarray(group["labels/nuclei/0"][:]).astype(np.int64)
+    probability = np.asarray(group["0"][:]).astype(np.float32) / 255.0
+    return labels.reshape(labels.shape[-2:]), probability.reshape(probability.shape[-2:])
+
+
+def rasterise_polygons(polygons: list, shape_hw: tuple[int, int]) -> np.ndarray:
+    """:func:`rasterise_geojson` of shapely polygons (same pixel-centre rule, first wins)."""
+    labels = np.zeros(shape_hw, np.int32)
+    for index, polygon in enumerate(polygons, start=1):
+        ring_xy = np.asarray(polygon.exterior.coords)
+        rows, cols = fill_polygon(ring_xy[:, 1] - 0.5, ring_xy[:, 0] - 0.5, shape=shape_hw)
+        free = labels[rows, cols] == 0
+        labels[rows[free], cols[free]] = index
+    return labels
+
+
+def level_sweep(samples: list, out_dir: Path, levels: list[float]) -> dict[str, dict]:
+    """Re-outline predict's nuclei (the Zarr labels and probability) at other contour levels.
+
+    At the level predict used this reproduces its GeoJSON's scores: the same nuclei, outlined by
+    the same :func:`cellseg.geojson.label_polygons` (on the whole canvas instead of per region).
+    """
+    scores: dict[str, list] = {str(level): [] for level in levels}
+    for files in samples:
+        sample = load_sample(files)
+        labels, probability = _zarr_maps(out_dir / f"{files.image_path.stem}.zarr")
+        scale = sample.labels.shape[0] / labels.shape[0]
+        ids = np.unique(labels)[1:]
+        for level in levels:
+            polygons = label_polygons(
+                labels, ids, (0, 0), scale, probability=probability, level=level
+            )
+            pred = rasterise_polygons(list(polygons.values()), sample.labels.shape)
+            metrics = instance_metrics(sample.labels, pred)
+            scores[str(level)].append(
+                (dice(pred > 0, sample.labels > 0), metrics["aji"], metrics["pq"])
+            )
+    return {
+        level: dict(zip(("dice", "aji", "pq"), np.mean(rows, axis=0).tolist(), strict=True))
+        for level, rows in scores.items()
+    }
 
 
 def score(src: Path, samples: list, work: Path, name: str) -> dict:
@@ -132,6 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MoNuSeg root")
     parser.add_argument("--tiles", type=int, default=None, help="only the first N val tiles")
     parser.add_argument("--before-src", type=Path, default=None, help="older code to compare")
+    parser.add_argument(
+        "--levels",
+        type=lambda text: [float(v) for v in text.split(",")],
+        default=None,
+        help="also re-outline the nuclei at these contour levels, e.g. 0.6,0.55,0.5,0.45,0.4",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the outputs here")
     args = parser.parse_args(argv)
@@ -144,7 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.before_src is not None:
             results["before"] = score(args.before_src.resolve(), samples, work, "before")
         results["after"] = score(ROOT, samples, work, "after")
-    for name, result in results.items():
+        if args.levels:
+            results["levels"] = level_sweep(samples, work / "after", args.levels)
+    for level, mean in results.get("levels", {}).items():
+        print(
+            f"contour level {level}: Dice {mean['dice']:.4f} AJI {mean['aji']:.4f} "
+            f"PQ {mean['pq']:.4f}"
+        )
+    for name, result in ((k, v) for k, v in results.items() if k != "levels"):
         print(
             f"{name}: Dice {result['mean']['dice']:.4f} AJI {result['mean']['aji']:.4f} "
             f"PQ {result['mean']['pq']:.4f} | {result['nuclei']} nuclei, {result['vertices']} "
