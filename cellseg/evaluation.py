@@ -93,7 +93,7 @@ def _centres_inside(ring_xy: Any, shape_hw: tuple[int, int]) -> np.ndarray:
     """Flat indices of the pixels whose centre is inside or on a ring of (x, y) vertices."""
     xy = np.asarray(ring_xy, dtype=np.float64)
     rows, cols = draw_polygon(xy[:, 1] - 0.5, xy[:, 0] - 0.5, shape=shape_hw)
-    return np.unique(rows.astype(np.int64) * shape_hw[1] + cols)
+    return rows.astype(np.int64) * shape_hw[1] + cols  # distinct: draw_polygon lists each once
 
 
 def read_geojson_polygons(path: Path) -> list[Polygon]:
@@ -127,7 +127,7 @@ def predict_polygons(
     """
     with _work_folder(work_dir) as folder:
         image_path = folder / "tile.png"
-        Image.fromarray(sample.image).save(image_path, compress_level=1)
+        Image.fromarray(sample.image).save(image_path, compress_level=0)  # fast, lossless
         geojson = folder / "tile.geojson"
         predict_slide(
             image_path,
@@ -275,7 +275,8 @@ class TileCache:
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         keys = [hashlib.blake2b(tile.tobytes(), digest_size=16).digest() for tile in tiles]
-        missing = [i for i, key in enumerate(keys) if key not in self._probs]
+        first_of = {key: i for i, key in reversed(list(enumerate(keys)))}  # repeats run once
+        missing = sorted(i for key, i in first_of.items() if key not in self._probs)
         if missing:
             probs = self.predictor(np.ascontiguousarray(tiles[missing]))
             self.tiles_run += len(missing)
