@@ -273,6 +273,12 @@ class TileCache:
             raise AttributeError(name)
         return getattr(self.predictor, name)
 
+    @property
+    def tile_probabilities(self) -> Mapping[bytes, np.ndarray]:
+        """``{tile key: C×tile_px×tile_px float32}`` of every distinct tile seen so far (the key
+        hashes the tile's bytes, so two caches that saw the same tiles share their keys)."""
+        return self._probs
+
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         keys = [hashlib.blake2b(tile.tobytes(), digest_size=16).digest() for tile in tiles]
         first_of = {key: i for i, key in reversed(list(enumerate(keys)))}  # repeats run once
