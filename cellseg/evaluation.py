@@ -49,16 +49,20 @@ PROTOCOLS = ("paper", "native")
 # cost more to start than a 1000 px tile takes).
 EVALUATION_OPTIONS = PredictOptions(workers=0, label_workers=0)
 
-# Stages of :func:`tune_postprocess`: each grid is searched around the best of the stages before.
+# Stages of :func:`tune_postprocess`: each grid is searched around the best of the stages before
+# (coordinate search): thresholds, then minimum areas (0.25 µm² is one pixel at 0.5 µm/px), then
+# the thresholds again at the new areas.
+_THRESHOLD_GRID: Mapping[str, Sequence[float]] = {
+    "fg_threshold": (0.4, 0.5, 0.6, 0.7),
+    "marker_threshold": (0.5, 0.6, 0.7, 0.8, 0.9),
+}
 DEFAULT_TUNING_GRIDS: tuple[Mapping[str, Sequence[float]], ...] = (
+    _THRESHOLD_GRID,
     {
-        "fg_threshold": (0.4, 0.5, 0.6, 0.7),
-        "marker_threshold": (0.5, 0.6, 0.7, 0.8, 0.9),
-    },
-    {
-        "min_marker_area_um2": (0.5, 1.0, 2.0, 4.0),
+        "min_marker_area_um2": (0.25, 0.5, 1.0, 2.0, 4.0),
         "min_area_um2": (2.0, 3.0, 5.0, 8.0),
     },
+    _THRESHOLD_GRID,
 )
 TUNING_METRICS = ("aji", "pq", "dq", "sq", "dice")
 
