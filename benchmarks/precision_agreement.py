@@ -1,11 +1,12 @@
 """bf16 against fp32 for a trained model, through the real evaluate and predict code (issue 9).
 
-For the MoNuSeg validation tiles (``val_ids.txt``) it runs ``cellseg.evaluation.evaluate``
-(native protocol) once per precision and compares per tile: nucleus count, Dice, AJI and the
-largest probability difference (``cellseg.evaluation.native_probabilities``, the function the
-evaluation itself uses). For a slide (default ``tests/data/CMU-1-Small-Region.svs``) it runs
-``cellseg.predict.predict_slide`` once per precision and compares the nucleus counts, the Zarr
-probability maps (uint8 steps of 1/255) and the label maps (Dice and AJI of bf16 against fp32).
+For the MoNuSeg validation tiles (``val_ids.txt``) it runs the native evaluation
+(``cellseg.evaluation.evaluate_samples``: predict's own path) once per precision and compares per
+tile: nucleus count, Dice, AJI and the largest difference of the network's tile probabilities
+(kept on the way by ``cellseg.evaluation.TileCache``). For a slide (default
+``tests/data/CMU-1-Small-Region.svs``) it runs ``cellseg.predict.predict_slide`` once per
+precision and compares the nucleus counts, the Zarr probability maps (uint8 steps of 1/255) and
+the label maps (Dice and AJI of bf16 against fp32).
 
 Goals (issue 9): counts within 1 %, Dice and AJI within 0.005 of fp32. On a CPU without native
 bf16 (AVX2, most AMD EPYCs) bf16 is emulated and several times slower than fp32; the figures
@@ -23,7 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -31,10 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cellseg import evaluation  # noqa: E402
 from cellseg.checkpoint import default_model_path, load_bundle  # noqa: E402
 from cellseg.data import find_samples, load_sample, read_ids  # noqa: E402
-from cellseg.evaluation import evaluate, native_probabilities  # noqa: E402
+from cellseg.evaluation import TileCache, evaluate_samples  # noqa: E402
 from cellseg.inference import Predictor  # noqa: E402
 from cellseg.metrics import aji, dice  # noqa: E402
 from cellseg.precision import cpu_bf16_flags, resolve_precision  # noqa: E402
@@ -66,30 +65,28 @@ def relative(a: float, b: float) -> float:
 
 
 def tiles_agreement(bundle, samples, device: str) -> dict:
-    """Per-tile figures of both precisions from the real evaluation code."""
-    results, probs, seconds = {}, {}, {}
+    """Per-tile figures of both precisions from the real evaluation code (predict's path)."""
+    results, caches, seconds = {}, {}, {}
     for name in PRECISIONS:
-        probs[name] = []
-
-        def recorded(sample, predictor, overlap_px=64, _out=probs[name]):
-            _out.append(native_probabilities(sample, predictor, overlap_px))
-            return _out[-1]
-
+        predictor = Predictor(bundle, device=device, precision=name)
+        assert predictor.precision == name
+        # One cache per image keeps the network tiles of each image (no second pass).
+        caches[name] = [TileCache(predictor) for _ in samples]
         start = time.perf_counter()
-        # The probabilities the evaluation itself computes are kept on the way (no second pass).
-        with mock.patch.object(evaluation, "native_probabilities", recorded):
-            results[name] = evaluate(
-                bundle, samples, protocol="native", device=device, precision=name, progress=False
-            )
+        results[name] = [
+            evaluate_samples(cache, [sample], "native")["per_image"][0]
+            for cache, sample in zip(caches[name], samples, strict=True)
+        ]
         seconds[name] = time.perf_counter() - start
-        assert results[name]["precision"] == name and len(probs[name]) == len(samples)
     rows = []
     for i, sample in enumerate(samples):
-        a, b = results["fp32"]["per_image"][i], results["bf16"]["per_image"][i]
+        a, b = results["fp32"][i], results["bf16"][i]
+        p32 = caches["fp32"][i].tile_probabilities
+        p16 = caches["bf16"][i].tile_probabilities
         rows.append(
             {
                 "image_id": sample.image_id,
-                "max_abs_dp": float(np.abs(probs["fp32"][i] - probs["bf16"][i]).max()),
+                "max_abs_dp": max(float(np.abs(p32[k] - p16[k]).max()) for k in p32),
                 "nuclei": (a["nuclei_pred"], b["nuclei_pred"]),
                 "dice": (a["dice"], b["dice"]),
                 "aji": (a["aji"], b["aji"]),

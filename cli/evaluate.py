@@ -32,7 +32,8 @@ COLUMNS = ("dice", "iou", "aji", "pq", "dq", "sq")
     type=click.Choice(["paper", "native"]),
     default="native",
     show_default=True,
-    help="paper: Dice/IoU at 224 px; native: Dice/IoU/AJI/PQ at full resolution.",
+    help="paper: Dice/IoU at 224 px; native: Dice/IoU/AJI/PQ of the polygons `cellseg predict` "
+    "writes for each tile, on the ground truth's grid.",
 )
 @click.option(
     "--ids",
@@ -54,6 +55,10 @@ COLUMNS = ("dice", "iou", "aji", "pq", "dq", "sq")
 @user_errors
 def evaluate_command(data, model_path, protocol, ids_file, json_out, tta, device, precision):
     """Evaluate a checkpoint and print a per-image table with mean ± std.
+
+    The native protocol runs each tile through predict's own code at the tile's mpp (same
+    resolution, precision, post-processing and polygons as `cellseg predict`) and scores the
+    polygons rasterised back onto the annotation's grid.
 
     \b
     Example:

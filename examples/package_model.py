@@ -1,7 +1,8 @@
 """Turn a finished `cellseg train` run into the model shipped inside the package.
 
-Steps (issue 4): tune the watershed thresholds on the *validation* tiles, store the weights as fp16
-safetensors with their config and metadata, evaluate on the test tiles (native protocol; reported,
+Steps (issue 4): tune the post-processing on the *validation* tiles (on predict's own path, as
+examples/tune_postprocess.py does), store the weights as fp16 safetensors with their config and
+metadata, evaluate on the test tiles (native protocol: the polygons predict writes; reported,
 never used for a choice), and write a model card with the SHA-256.
 
     python examples/package_model.py runs/wsi-default --data ../shared/data/monuseg \
@@ -19,7 +20,8 @@ import torch
 
 from cellseg.checkpoint import file_sha256, load_bundle, save_bundle
 from cellseg.data import find_ids_file, find_samples, load_sample, read_ids
-from cellseg.evaluation import evaluate, tune_postprocess
+from cellseg.evaluation import evaluate, postprocess_of, tune_postprocess
+from cellseg.inference import Predictor
 
 
 def load_split(folder: Path, ids: set[str] | None = None):
@@ -40,7 +42,9 @@ def main() -> None:
     val_ids = set(read_ids(find_ids_file(args.data / "train") or args.data / "val_ids.txt"))
     val = load_split(args.data / "train", val_ids)
     t0 = time.perf_counter()
-    post, grid = tune_postprocess(bundle, val)
+    # On predict's own path (as `cellseg evaluate --protocol native` scores), in fp32.
+    predictor = Predictor(bundle, device="cpu", precision="fp32")
+    post, grid = tune_postprocess(predictor, val, postprocess_of(bundle))
     print(
         f"tuned post-processing on {len(val)} validation tiles: {post} "
         f"({time.perf_counter() - t0:.0f} s)"
@@ -135,7 +139,8 @@ def model_card(bundle, path, stages, result, seconds, post) -> str:
         f"  `{json.dumps(post.to_dict())}`",
         f"- **SHA-256**: `{file_sha256(path)}`",
         "",
-        "## Test metrics (MoNuSeg 2018 test, 14 tiles, native protocol; mean ± std over tiles)",
+        "## Test metrics (MoNuSeg 2018 test, 14 tiles, native protocol: predict's polygons; "
+        "mean ± std over tiles)",
         "",
         "| Dice | IoU | AJI | PQ | DQ | SQ |",
         "|---|---|---|---|---|---|",
