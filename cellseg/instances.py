@@ -346,6 +346,23 @@ def _remove_small_and_renumber(labels: np.ndarray, min_area_px: float) -> np.nda
     return lookup[labels]
 
 
+def flood_order(elevation: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``H×W`` float64 ranks of the mask pixels by ``(elevation, row, column)``; 0 elsewhere.
+
+    skimage's watershed floods by elevation and breaks ties by the order pixels entered its
+    queue, which depends on the whole flood so far, i.e. on the window being labelled. With
+    every mask pixel given a distinct rank, in an order that depends only on the values and
+    on the pixels' relative positions (raster order is the same in every window that holds
+    them), the flood has no ties: a nucleus seen whole by two windows (two region sizes, an
+    ROI and the whole slide) gets the same pixels in both (issue 11, dense tissue).
+    """
+    flat = np.flatnonzero(mask)
+    order = np.argsort(elevation.ravel()[flat], kind="stable")  # ties: raster order
+    ranks = np.zeros(mask.size, dtype=np.float64)
+    ranks[flat[order]] = np.arange(1, len(flat) + 1, dtype=np.float64)
+    return ranks.reshape(mask.shape)
+
+
 def label_instances(probs: np.ndarray, mpp: float, params: PostProcess | None = None) -> np.ndarray:
     """Turn softmax probabilities into an instance label map by marker-controlled watershed.
 
@@ -375,7 +392,7 @@ def label_instances(probs: np.ndarray, mpp: float, params: PostProcess | None = 
         distance = _smoothed_distance(mask, params, mpp)
         markers = _distance_markers(mask, distance, params, mpp)
         elevation = -distance
-    labels = watershed(elevation, markers, mask=mask).astype(np.int32)
+    labels = watershed(flood_order(elevation, mask), markers, mask=mask).astype(np.int32)
     labels = _label_unmarked(labels, mask)
     if params.fill_holes:
         labels = _fill_instance_holes(labels)

@@ -46,7 +46,7 @@ from .nuclei import LABEL_KEY, RegionJob, RegionNuclei, extract_region
 from .readahead import ReadRequest, RegionReader, SlideSource
 from .stitch import Stitcher
 from .store import PredictionStore
-from .tiling import Canvas, TileLayout
+from .tiling import Box, Canvas, TileLayout
 from .workers import start_pool
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,18 @@ class SlidePlan:
     precision: str = "fp32"  # the predictor's resolved precision (cellseg.precision)
     slide_sha256: str | None = None  # content hash: seeds the GeoJSON feature ids
     cell_expansion_px: int = 0  # > 0: cells grown from the nuclei (--object-type cell)
+    # Canvas box whose nuclei are kept (by centroid): the ROI; None: the whole canvas. The
+    # canvas itself covers the slide-grid tiles around it (cellseg.tiling.Canvas.on_grid).
+    owned_box: Box | None = None
+    grid_offset_xy: tuple[int, int] = (0, 0)  # the slide grid's shift (a test hook)
+
+    def region_owned_box(self, region: tuple[int, int]) -> Box:
+        """The region's core clipped to :attr:`owned_box` (may be empty)."""
+        y0, y1, x0, x1 = self.layout.region_core(*region)
+        if self.owned_box is None:
+            return (y0, y1, x0, x1)
+        oy0, oy1, ox0, ox1 = self.owned_box
+        return (max(y0, oy0), min(y1, oy1), max(x0, ox0), min(x1, ox1))
 
     @property
     def block_tile_counts(self) -> np.ndarray:
@@ -210,7 +222,11 @@ class _PostProcessor:
         self.region_blocks = [plan.layout.region_blocks(*r) for r in self.regions]
         self.next_region = journal.regions_done  # next region to submit
         counts = plan.block_tile_counts
-        self.region_has_tiles = [any(counts[b] > 0 for b in deps) for deps in self.region_blocks]
+        # Regions with nothing to label: glass only, or outside the ROI (the canvas margin).
+        self.region_has_tiles = [
+            any(counts[b] > 0 for b in deps) and _non_empty(plan.region_owned_box(region))
+            for region, deps in zip(self.regions, self.region_blocks, strict=True)
+        ]
         self.pool = _label_pool(label_workers)
         self.max_in_flight = 2 * label_workers
         self.in_flight: deque[tuple[tuple[int, int], Future | RegionNuclei | None]] = deque()
@@ -278,7 +294,7 @@ class _PostProcessor:
         window = layout.region_window(*region)
         job = RegionJob(
             window=window,
-            core=layout.region_core(*region),
+            core=plan.region_owned_box(region),
             canvas_hw=(layout.height_px, layout.width_px),
             model_mpp=plan.model_mpp,
             params=plan.postprocess,
@@ -288,11 +304,11 @@ class _PostProcessor:
             keep_labels=self.store.has_labels,
             cell_expansion_px=plan.cell_expansion_px,
         )
-        nucleus_u8, interior_u8 = self.store.read_probabilities(window)
+        probs = self.store.read_float(window)  # lossless: never the uint8 viewing copy
         rgb = self.store.read_pixels(window)
         if self.pool is None:
-            return extract_region(nucleus_u8, interior_u8, job, rgb)
-        return self.pool.submit(extract_region, nucleus_u8, interior_u8, job, rgb)
+            return extract_region(probs, job, rgb)
+        return self.pool.submit(extract_region, probs, job, rgb)
 
     def _commit_next(self) -> None:
         """Gives the oldest region's nuclei their ids and writes them everywhere, in order."""
@@ -341,6 +357,10 @@ def feature_key(record: NucleusRecord) -> str:
 def write_feature(writer: GeoJSONWriter, record: NucleusRecord) -> None:
     """Writes a committed nucleus (and its cell, if any) as one Feature."""
     writer.write(record.polygon, record.measurements, cell=record.cell, key=feature_key(record))
+
+
+def _non_empty(box: Box) -> bool:
+    return box[0] < box[1] and box[2] < box[3]
 
 
 def _is_done(pending: Any) -> bool:
@@ -615,14 +635,14 @@ def run_pipeline(
     """
     from tqdm import tqdm
 
-    from .tiling import blend_weights
+    from .tiling import centre_weights
 
     started = time.perf_counter()
     stats = PipelineStats()
     layout = plan.layout
     active = _active_blocks(layout, journal.regions_done)
     jobs = block_jobs(plan, active)
-    weights = blend_weights(layout.tile_px, layout.overlap_px)
+    weights = centre_weights(layout.tile_px, layout.overlap_px)
     post = _PostProcessor(
         plan, store, journal, writer, active, weights, settings.label_workers, on_region, stats
     )

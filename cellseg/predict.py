@@ -60,7 +60,14 @@ from .pipeline import (
 from .readahead import RegionReader, SlideSource
 from .slide import Slide, open_slide
 from .store import PredictionStore
-from .tiling import Canvas, TileLayout, overlap_for_mpp, tiles_per_block_for, tissue_tiles
+from .tiling import (
+    Canvas,
+    TileGrid,
+    TileLayout,
+    overlap_for_mpp,
+    tiles_per_block_for,
+    tissue_tiles,
+)
 from .tissue import tissue_area_mm2, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,14 @@ ZARR_FORMAT_VERSION = 2  # 2: OME-NGFF 0.4 layout (Zarr v2); 1 was a flat Zarr v
 # Recorded in the provenance: outputs of an older layout (flat Zarr v3, ``Area µm^2``
 # measurements, random feature ids) are not "the same run", so they are not skipped.
 OUTPUT_FORMAT = ZARR_FORMAT_VERSION
+# Default tile overlap of whole-slide prediction, in µm at the model's mpp (64 px at 0.5 µm/px),
+# with centre-weighted blending: the cheapest overlap measured to keep >= 97 % of the nuclei
+# when the grid moves by half a stride (benchmarks/translation_consistency.py, README there).
+PREDICT_OVERLAP_UM = 32.0
+# What makes two runs' probabilities and nuclei differ beyond the options (journal fingerprint,
+# provenance): the slide-anchored grid, centre-weighted float64 blending, float32 working
+# probabilities and rank-ordered watershed (issue 11).
+TILING_SCHEME = "slide grid; centre weights (sin² over the overlap); float32 watershed by rank"
 
 
 @dataclass
@@ -87,12 +102,16 @@ class PredictOptions:
         workers: reader processes (0: a reader thread); None: :func:`default_workers`.
         label_workers: processes for instance extraction and polygons (0: the post-processing
             thread does it); None: :func:`default_label_workers`.
-        overlap_px: tile overlap at the model's mpp; None: 16 µm (:func:`overlap_for_mpp`).
-        region_px: side of a read block / labelling region at the model's mpp, rounded to whole
-            tile strides (1024: 960 px for 224 px tiles overlapping by 32 px). About 1000 px
-            keeps the labelling windows, block images and blending sums small, so memory stays
-            low while labelling runs beside the model; larger blocks mean fewer reads but more
-            memory.
+        overlap_px: tile overlap at the model's mpp; None: ``PREDICT_OVERLAP_UM``
+            (:func:`overlap_for_mpp`; 64 px at 0.5 µm/px).
+        region_px: side of a read block / labelling region at the model's mpp (``--block-px``),
+            rounded to whole tile strides (1024: 960 px for 224 px tiles overlapping by 64 px).
+            About 1000 px keeps the labelling windows, block images and blending sums small, so
+            memory stays low while labelling runs beside the model; larger blocks mean fewer
+            reads but more memory. It does not change the nuclei (issue 11).
+        grid_offset_px: ``(x, y)`` shift of the slide's tile grid in model pixels, each in
+            ``[0, stride)`` (a test hook: translation consistency is measured with half a
+            stride; ``--grid-offset-px``, hidden).
         halo_um: context around a region for instance extraction (> 2 nucleus diameters).
         object_type: GeoJSON ``objectType``: detection, cell or annotation.
         cell_expansion_um: with ``object_type="cell"``, how far each cell grows from its nucleus
@@ -117,6 +136,7 @@ class PredictOptions:
     overlap_px: int | None = None
     region_px: int = 1024
     halo_um: float = 32.0
+    grid_offset_px: tuple[int, int] = (0, 0)
     object_type: str = "detection"
     cell_expansion_um: float = 0.0
     postprocess: PostProcess | None = None
@@ -140,6 +160,10 @@ class PredictOptions:
             )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.region_px < 1:
+            raise ValueError(f"region_px must be >= 1, got {self.region_px}")
+        if len(self.grid_offset_px) != 2 or min(self.grid_offset_px) < 0:
+            raise ValueError(f"grid_offset_px must be two integers >= 0, got {self.grid_offset_px}")
         if self.chunk_px is not None and self.chunk_px < 1:
             raise ValueError(f"chunk_px must be >= 1, got {self.chunk_px}")
         if self.roi_xywh is not None and (self.roi_xywh[2] <= 0 or self.roi_xywh[3] <= 0):
@@ -297,17 +321,29 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
     """Canvas, tile grid and tissue tiles of an open slide (reads only a thumbnail)."""
     model_mpp = float(predictor.mpp)
     area = processing_area(slide, options.roi_xywh)
-    canvas = Canvas.from_area(area, slide.mpp, model_mpp)
     tile_px = int(predictor.tile_px)
     overlap = (
         options.overlap_px
         if options.overlap_px is not None
-        else overlap_for_mpp(model_mpp, tile_px)
+        else overlap_for_mpp(model_mpp, tile_px, PREDICT_OVERLAP_UM)
     )
     per_block = tiles_per_block_for(options.region_px, tile_px, overlap)
     block_px = per_block * (tile_px - overlap)
-    halo = min(math.ceil(options.halo_um / model_mpp), block_px - overlap)
+    halo = math.ceil(options.halo_um / model_mpp)
+    if halo > block_px - overlap:
+        # A smaller halo would change the nuclei; the block size must not (issue 11).
+        raise ValueError(
+            f"region_px {options.region_px} gives {block_px} px blocks, too small for a "
+            f"{halo} px halo and {overlap} px overlap; use at least {halo + overlap + tile_px}"
+        )
+    stride = tile_px - overlap
+    offset = tuple(int(v) % stride for v in options.grid_offset_px)  # a stride is no shift
+    grid = TileGrid(tile_px, stride, offset, context_px=halo)
+    canvas = Canvas.on_grid(area, tuple(slide.bounds_xy), slide.mpp, model_mpp, grid)
     layout = TileLayout(canvas.height_px, canvas.width_px, tile_px, overlap, per_block, halo)
+    owned_box = None
+    if options.roi_xywh is not None:
+        owned_box = _canvas_box(canvas, area)
     tissue_area = None
     if options.tissue_mask:
         tissue_mpp, min_object_px = _tissue_resolution(slide, options.tissue_mpp)
@@ -346,6 +382,20 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
         precision=str(getattr(predictor, "precision", "fp32")),
         slide_sha256=_file_sha256(Path(slide.path)) if Path(slide.path).is_file() else None,
         cell_expansion_px=cell_px,
+        owned_box=owned_box,
+        grid_offset_xy=offset,
+    )
+
+
+def _canvas_box(canvas: Canvas, area_xywh: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """Canvas box ``(y0, y1, x0, x1)`` of a level-0 rectangle (pixel edges rounded)."""
+    x, y, w, h = area_xywh
+    (ox, oy), scale = canvas.origin_xy, canvas.scale
+    return (
+        max(0, round((y - oy) / scale)),
+        min(canvas.height_px, round((y + h - oy) / scale)),
+        max(0, round((x - ox) / scale)),
+        min(canvas.width_px, round((x + w - ox) / scale)),
     )
 
 
@@ -366,6 +416,7 @@ def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs
         "layout": asdict(plan.layout),
         # Region geometry: a journal of an older version with other region cores must not resume.
         "regions": "block cores shifted up and left by halo_px",
+        "tiling": [TILING_SCHEME, list(plan.grid_offset_xy), plan.owned_box],
         "tissue": [options.tissue_mask, options.tissue_mpp],
         "postprocess": plan.postprocess.to_dict(),
         "cell_expansion_px": plan.cell_expansion_px,  # the journal holds the cells' outlines
@@ -406,7 +457,9 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
             "stride_px": layout.stride_px,
             "region_px": layout.block_px,
             "halo_px": layout.halo_px,
-            "blending": "taper-weighted mean (cellseg.inference.blend_weights)",
+            "blending": "centre-weighted mean (cellseg.tiling.centre_weights)",
+            "grid": "tiles on the slide's grid: starts at bounds origin + (offset + k·stride)",
+            "grid_offset_px": list(plan.grid_offset_xy),
             "ownership": "nucleus kept by the region containing its centroid",
         },
         "probability": "levels 0, 1, ...: nucleus probability (p_interior + p_boundary) x 255, "
@@ -646,6 +699,7 @@ def run_provenance(
         "cell_expansion_um": options.cell_expansion_um,
         "precision": _precision_of(predictor, options),
         "postprocess": _postprocess_for(predictor, options).to_dict(),
+        "tiling": [TILING_SCHEME, list(options.grid_offset_px)],
         "geometry": [
             options.backend,
             options.tissue_mpp,

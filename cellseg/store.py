@@ -16,9 +16,11 @@ reader (Bio-Formats) and ome-zarr-py all open today (docs/NOTES.md, "OME-Zarr").
 ``y, x`` in micrometres; level k's ``scale`` is ``mpp·2^k``.
 
 While the slide is written, level 0 only exists, plus working arrays deleted at the end:
-``interior_probability`` (uint8 ``p1·255`` of three-class models, that each region's halo is
-re-labelled from) and ``rgb`` (the slide's pixels at the model's resolution, ``y×x×3`` uint8,
-for the nucleus measurements of :mod:`cellseg.measurements`). With ``chunk_px`` equal to the
+``background_f32`` and ``interior_f32`` (the blended float32 ``p0`` and, for three-class models,
+``p1``: each region's window is labelled from these lossless copies, never from the uint8
+pyramid, so the nuclei do not depend on where the regions fall; issue 11) and ``rgb`` (the
+slide's pixels at the model's resolution, ``y×x×3`` uint8, for the nucleus measurements of
+:mod:`cellseg.measurements`). With ``chunk_px`` equal to the
 block size (``predict``'s default) each block's probabilities are whole chunks, written once
 (:meth:`PredictionStore.write_cells`). The pyramid levels are built by :meth:`finish`, chunk by
 chunk from the level below, so nothing larger than a region's window is ever held in memory.
@@ -46,9 +48,10 @@ NGFF_VERSION = "0.4"
 LABEL_NAME = "nuclei"
 PROBABILITY = "0"  # level 0 of the image pyramid
 LABELS = f"labels/{LABEL_NAME}/0"  # level 0 of the label pyramid
-INTERIOR = "interior_probability"  # working arrays, deleted by finish()
+BACKGROUND = "background_f32"  # working arrays, deleted by finish()
+INTERIOR = "interior_f32"
 PIXELS = "rgb"
-WORKING_ARRAYS = (INTERIOR, PIXELS)
+WORKING_ARRAYS = (BACKGROUND, INTERIOR, PIXELS)
 MIN_LEVEL_PX = 256  # the pyramid goes down until the longest side is at most this
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
 # The working rgb array is written once and read a few times: speed over size.
@@ -67,7 +70,8 @@ class PredictionStore:
     Attributes:
         path: the group's folder.
         has_labels: whether ``labels/nuclei`` is written (only when the user asked for a Zarr).
-        has_interior: whether ``interior_probability`` exists (three-class models).
+        has_interior: whether ``interior_f32`` exists (three-class models).
+        has_float: whether the float32 working probabilities exist (until :meth:`finish`).
         has_pixels: whether the working ``rgb`` array exists (until :meth:`finish`).
     """
 
@@ -77,10 +81,11 @@ class PredictionStore:
         # Opened once: looking an array up in the group reads its metadata from disk each time.
         self._arrays = {
             name: group[name]
-            for name in (PROBABILITY, LABELS, INTERIOR, PIXELS)
+            for name in (PROBABILITY, LABELS, BACKGROUND, INTERIOR, PIXELS)
             if _has(group, name)
         }
         self.has_labels = LABELS in self._arrays
+        self.has_float = BACKGROUND in self._arrays
         self.has_interior = INTERIOR in self._arrays
         self.has_pixels = PIXELS in self._arrays
 
@@ -102,8 +107,9 @@ class PredictionStore:
         names = [(PROBABILITY, "uint8")]
         if with_labels:
             names.append((LABELS, "uint32"))
+        names.append((BACKGROUND, "float32"))
         if num_classes == 3:
-            names.append((INTERIOR, "uint8"))
+            names.append((INTERIOR, "float32"))
         for name, dtype in names:
             _create(group, name, canvas_hw, chunks, dtype)
         # White outside the tissue tiles that are read: optical density 0 there.
@@ -126,8 +132,9 @@ class PredictionStore:
         """Stores final ``C×h×w`` probabilities of a canvas box."""
         y0, y1, x0, x1 = box
         self._arrays[PROBABILITY][y0:y1, x0:x1] = to_uint8(1.0 - probs[0])
+        self._arrays[BACKGROUND][y0:y1, x0:x1] = probs[0]
         if self.has_interior:
-            self._arrays[INTERIOR][y0:y1, x0:x1] = to_uint8(probs[1])
+            self._arrays[INTERIOR][y0:y1, x0:x1] = probs[1]
 
     def write_cells(self, cells: Sequence[tuple[Box, np.ndarray]]) -> None:
         """Stores the final ``C×h×w`` probabilities of disjoint canvas boxes (a block's cells).
@@ -145,23 +152,36 @@ class PredictionStore:
             for box, probs in cells:
                 self.write_probabilities(box, probs)
             return
-        nucleus = np.empty((y1 - y0, x1 - x0), np.uint8)
-        interior = np.empty_like(nucleus) if self.has_interior else None
+        background = np.empty((y1 - y0, x1 - x0), np.float32)
+        interior = np.empty_like(background) if self.has_interior else None
         for (cy0, cy1, cx0, cx1), probs in cells:
             inside = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
-            nucleus[inside] = to_uint8(1.0 - probs[0])
+            background[inside] = probs[0]
             if interior is not None:
-                interior[inside] = to_uint8(probs[1])
-        self._arrays[PROBABILITY][y0:y1, x0:x1] = nucleus
+                interior[inside] = probs[1]
+        self._arrays[PROBABILITY][y0:y1, x0:x1] = to_uint8(1.0 - background)
+        self._arrays[BACKGROUND][y0:y1, x0:x1] = background
         if interior is not None:
             self._arrays[INTERIOR][y0:y1, x0:x1] = interior
 
     def read_probabilities(self, box: Box) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(nucleus_u8, interior_u8 or None)`` of a canvas box."""
+        """``(nucleus_u8, interior_u8 or None)`` of a canvas box: the viewing copy (level 0)
+        and the interior rounded alike. Not for post-processing (:meth:`read_float`)."""
         y0, y1, x0, x1 = box
         nucleus = self._arrays[PROBABILITY][y0:y1, x0:x1]
         interior = self._arrays[INTERIOR][y0:y1, x0:x1] if self.has_interior else None
-        return nucleus, interior
+        return nucleus, None if interior is None else to_uint8(interior)
+
+    def read_float(self, box: Box) -> np.ndarray:
+        """The blended float32 probabilities of a canvas box, bit for bit as the stitcher gave
+        them: ``C×h×w`` ``[p0, p1, 1 - p0 - p1]`` (three classes; the post-processing reads
+        ``p0`` and ``p1`` only) or ``[p0, 1 - p0]`` (two)."""
+        y0, y1, x0, x1 = box
+        background = self._arrays[BACKGROUND][y0:y1, x0:x1]
+        if not self.has_interior:
+            return np.stack([background, 1.0 - background])
+        interior = self._arrays[INTERIOR][y0:y1, x0:x1]
+        return np.stack([background, interior, 1.0 - background - interior])
 
     def write_pixels(self, box: Box, rgb: np.ndarray) -> None:
         """Stores the slide's ``h×w×3`` uint8 pixels of a canvas box (the working ``rgb``)."""
@@ -205,7 +225,7 @@ class PredictionStore:
             if name in self._arrays:
                 del self._arrays[name]
                 del self.group[name]
-        self.has_interior = self.has_pixels = False
+        self.has_interior = self.has_pixels = self.has_float = False
         mpp = self.group.attrs.get("mpp")
         image_paths = build_pyramid(self.group, downsample_mean)
         self.group.attrs.update(
