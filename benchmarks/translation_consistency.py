@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     stride = ref_summary["tiling"]["tile_px"] - ref_summary["tiling"]["overlap_px"]
     shift = args.shift_px if args.shift_px is not None else stride // 2
     tiles_per_mm2 = ref_summary["tiles"] / ref_summary["processed_area_mm2"]
+    grid_per_mm2 = (1000.0 / (stride * ref_summary["mpp"])) ** 2  # every tile of the grid
     results: dict[str, object] = {
         "slide": str(slide),
         "precision": predictor.precision,
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "shift_px": shift,
         "tiles": ref_summary["tiles"],
         "tiles_per_mm2": round(tiles_per_mm2, 1),
+        "grid_tiles_per_mm2": round(grid_per_mm2, 1),
         "seconds": round(ref_summary["wall_s"], 1),
         "nuclei": len(reference),
         "mode": "grid_offset_px" if has_offset else "emulated with an ROI",
@@ -156,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         a, b = inside(reference, box), inside(shifted, box)
     results["shift"] = {"reference_in_shifted": match(a, b), "shifted_in_reference": match(b, a)}
     print(
-        f"{slide.name}: overlap {results['overlap_px']} px, {tiles_per_mm2:.1f} tiles/mm², "
-        f"{predictor.precision}, {results['mode']}"
+        f"{slide.name}: overlap {results['overlap_px']} px, {grid_per_mm2:.1f} grid tiles/mm² "
+        f"({tiles_per_mm2:.1f} tissue tiles per processed mm²), {predictor.precision}, "
+        f"{results['mode']}"
     )
     for key, value in results["shift"].items():
         print(

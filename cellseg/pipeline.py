@@ -1,4 +1,4 @@
-"""The concurrent stages of whole-slide prediction, fed with a :class:`SlidePlan`.
+"""The concurrent stages of whole-slide prediction, fed with a :class:`~cellseg.planning.SlidePlan`.
 
 Three stages connected by bounded queues, so that reading, the model and post-processing
 overlap (issue 5; PEERS.md §3 and §5: GPUs starve when these run in series) and none of them
@@ -34,19 +34,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from .geojson import GeoJSONWriter
-from .instances import PostProcess
 from .journal import Journal, NucleusRecord
 from .nuclei import LABEL_KEY, RegionJob, RegionNuclei, extract_region
+from .planning import SlidePlan, TilePredictor
 from .readahead import ReadRequest, RegionReader, SlideSource
 from .stitch import Stitcher
 from .store import PredictionStore
-from .tiling import Box, Canvas, TileLayout
+from .tiling import Box, TileLayout
 from .workers import start_pool
 
 log = logging.getLogger(__name__)
@@ -54,81 +53,9 @@ log = logging.getLogger(__name__)
 QUEUE_MESSAGES = 8  # tile batches and block completions waiting for post-processing, at most
 
 
-class TilePredictor(Protocol):
-    """What the pipeline needs from a model (``cellseg.inference.Predictor`` or a test oracle).
-
-    ``predictor(tiles)`` maps ``N×tile_px×tile_px×3`` uint8 RGB tiles to ``N×C×tile_px×tile_px``
-    float32 softmax probabilities (channel 0 background).
-    """
-
-    mpp: float
-    tile_px: int
-    num_classes: int
-
-    def __call__(self, tiles: np.ndarray) -> np.ndarray: ...
-
-
 def default_workers() -> int:
     """Reader processes: half the CPU cores (the model and post-processing need the rest), 1-4."""
     return max(1, min(4, (os.cpu_count() or 2) // 2))
-
-
-@dataclass
-class SlidePlan:
-    """Everything decided about a slide before any tile is run (see ``predict.plan_slide``)."""
-
-    slide_path: Path
-    slide_mpp: float
-    mpp_source: str
-    backend: str
-    dimensions_xy: tuple[int, int]
-    bounds_xy: tuple[int, int, int, int]
-    area_xywh: tuple[int, int, int, int]
-    model_mpp: float
-    canvas: Canvas
-    layout: TileLayout
-    tile_mask: np.ndarray  # n_tiles_y × n_tiles_x bool
-    tissue_area_mm2: float | None
-    num_classes: int
-    postprocess: PostProcess
-    model_name: str
-    model_sha256: str | None
-    tta: bool = False  # the predictor averages the 8 D4 views of each tile
-    precision: str = "fp32"  # the predictor's resolved precision (cellseg.precision)
-    slide_sha256: str | None = None  # content hash: seeds the GeoJSON feature ids
-    cell_expansion_px: int = 0  # > 0: cells grown from the nuclei (--object-type cell)
-    # Canvas box whose nuclei are kept (by centroid): the ROI; None: the whole canvas. The
-    # canvas itself covers the slide-grid tiles around it (cellseg.tiling.Canvas.on_grid).
-    owned_box: Box | None = None
-    grid_offset_xy: tuple[int, int] = (0, 0)  # the slide grid's shift (a test hook)
-
-    def region_owned_box(self, region: tuple[int, int]) -> Box:
-        """The region's core clipped to :attr:`owned_box` (may be empty)."""
-        y0, y1, x0, x1 = self.layout.region_core(*region)
-        if self.owned_box is None:
-            return (y0, y1, x0, x1)
-        oy0, oy1, ox0, ox1 = self.owned_box
-        return (max(y0, oy0), min(y1, oy1), max(x0, ox0), min(x1, ox1))
-
-    @property
-    def block_tile_counts(self) -> np.ndarray:
-        """``n_blocks_y×n_blocks_x`` number of tissue tiles per block."""
-        k = self.layout.tiles_per_block
-        ny, nx = self.layout.n_blocks_yx
-        padded = np.zeros((ny * k, nx * k), dtype=np.int64)
-        padded[: self.tile_mask.shape[0], : self.tile_mask.shape[1]] = self.tile_mask
-        return padded.reshape(ny, k, nx, k).sum(axis=(1, 3))
-
-    @property
-    def qupath_offset_xy(self) -> tuple[float, float]:
-        """Subtract from scaled canvas coordinates to get QuPath level-0 coordinates."""
-        return (
-            self.bounds_xy[0] - self.canvas.origin_xy[0],
-            self.bounds_xy[1] - self.canvas.origin_xy[1],
-        )
-
-    def processed_area_mm2(self) -> float:
-        return self.area_xywh[2] * self.area_xywh[3] * (self.slide_mpp / 1000.0) ** 2
 
 
 @dataclass
