@@ -74,6 +74,8 @@ def test_the_command_module_does_not_import_torch():
         (["a.svs", "--out", "x.txt"], "--out x.txt: expected a file ending in .geojson"),
         (["a.svs", "--overlay", "x.gif"], "expected a file ending in .png"),
         (["a.svs", "--out", "x.geojson", "--cell-expansion-um", "5"], "needs --object-type cell"),
+        (["a.svs", "--out", "x.geojson", "--block-px", "100"], "'--block-px': 100 is not in"),
+        (["a.svs", "--out", "x.geojson", "--grid-offset-px", "3"], "not two integers X,Y"),
     ],
 )
 def test_usage_errors_are_one_line(args, message):
