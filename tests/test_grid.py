@@ -20,6 +20,7 @@ from oracle import DiscOracle, draw_disc
 from shapely.strtree import STRtree
 from slides import make_pyramid_tiff
 
+from cellseg.instances import flood_order
 from cellseg.predict import PredictOptions, SlideOutputs, plan_slide, predict_slide
 from cellseg.slide import open_slide
 from cellseg.tiling import Canvas, TileGrid
@@ -176,3 +177,20 @@ def test_roi_canvases_are_cut_from_the_whole_slide_grid(offset):
             assert origin_px - 160 + 224 <= lo or start_px == 0  # the tile before misses it
             size = roi.width_px if axis == 0 else roi.height_px
             assert origin_px + size >= hi
+
+
+def test_flood_order_is_unique_and_the_same_in_every_window():
+    """Ranks order the mask pixels by (value, raster position), negative values and ties
+    included, so any window orders its pixels as the whole map does."""
+    rng = np.random.default_rng(5)
+    elevation = rng.choice(np.float32([-1.5, -0.25, 0.0, 0.25, 1.0]), size=(60, 80))
+    mask = rng.random((60, 80)) > 0.2
+    ranks = flood_order(elevation, mask)
+    flat = np.flatnonzero(mask)
+    assert sorted(ranks.ravel()[flat]) == list(range(1, len(flat) + 1)) and not ranks[~mask].any()
+    expected = flat[np.lexsort((flat, elevation.ravel()[flat]))]
+    np.testing.assert_array_equal(flat[np.argsort(ranks.ravel()[flat])], expected)
+    window = (slice(10, 50), slice(5, 70))
+    inner = flood_order(elevation[window], mask[window])
+    inside = mask[window]
+    np.testing.assert_array_equal(np.argsort(inner[inside]), np.argsort(ranks[window][inside]))
