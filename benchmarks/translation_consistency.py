@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mpp", type=float, default=0.5, help="slide mpp override (0.5)")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--overlap-px", type=int, default=None, help="default: the library's")
+    parser.add_argument("--blending", default=None, help="centre or linear (default: library's)")
     parser.add_argument("--shift-px", type=int, default=None, help="default: half a stride")
     parser.add_argument("--roi", type=_parse_xywh, default=None, help="X,Y,W,H ROI check")
     parser.add_argument("--margin-px", type=int, default=128, help="emulated shift only")
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     base = {"mpp": args.mpp, "workers": 0, "label_workers": 0}
     if args.overlap_px is not None:
         base["overlap_px"] = args.overlap_px
+    if args.blending is not None:
+        base["blending"] = args.blending
     with open_slide(slide, "openslide", args.mpp) as opened:
         width, height = opened.bounds_xy[2], opened.bounds_xy[3]
         scale = predictor.mpp / opened.mpp
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "slide": str(slide),
         "precision": predictor.precision,
         "overlap_px": ref_summary["tiling"]["overlap_px"],
+        "blending": args.blending or "default",
         "shift_px": shift,
         "tiles": ref_summary["tiles"],
         "tiles_per_mm2": round(tiles_per_mm2, 1),
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     results["shift"] = {"reference_in_shifted": match(a, b), "shifted_in_reference": match(b, a)}
     print(
         f"{slide.name}: overlap {results['overlap_px']} px, {grid_per_mm2:.1f} grid tiles/mm² "
-        f"({tiles_per_mm2:.1f} tissue tiles per processed mm²), {predictor.precision}, "
+        f"({tiles_per_mm2:.1f} tissue tiles per processed mm²), {results['blending']} "
+        f"blending, {predictor.precision}, "
         f"{results['mode']}"
     )
     for key, value in results["shift"].items():

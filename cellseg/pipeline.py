@@ -562,14 +562,12 @@ def run_pipeline(
     """
     from tqdm import tqdm
 
-    from .tiling import centre_weights
-
     started = time.perf_counter()
     stats = PipelineStats()
     layout = plan.layout
     active = _active_blocks(layout, journal.regions_done)
     jobs = block_jobs(plan, active)
-    weights = centre_weights(layout.tile_px, layout.overlap_px)
+    weights = plan.blend_weights()
     post = _PostProcessor(
         plan, store, journal, writer, active, weights, settings.label_workers, on_region, stats
     )

@@ -27,6 +27,8 @@ from .tiling import (
     Canvas,
     TileGrid,
     TileLayout,
+    blend_weights,
+    centre_weights,
     overlap_for_mpp,
     tiles_per_block_for,
     tissue_tiles,
@@ -40,6 +42,7 @@ PREDICT_OVERLAP_UM = 32.0
 # What makes two runs' probabilities and nuclei differ beyond the options (journal fingerprint,
 # provenance): the slide-anchored grid, centre-weighted float64 blending, float32 working
 # probabilities and rank-ordered watershed (issue 11).
+BLENDINGS = ("centre", "linear")
 TILING_SCHEME = "slide grid; centre weights (sin² over the overlap); float32 watershed by rank"
 
 
@@ -80,6 +83,9 @@ class PredictOptions:
             About 1000 px keeps the labelling windows, block images and blending sums small, so
             memory stays low while labelling runs beside the model; larger blocks mean fewer
             reads but more memory. It does not change the nuclei (issue 11).
+        blending: tile weights, ``"centre"`` (:func:`cellseg.tiling.centre_weights`, the
+            default) or ``"linear"`` (:func:`cellseg.tiling.blend_weights`, the taper of
+            earlier versions); kept for measurements (benchmarks/translation_consistency.py).
         grid_offset_px: ``(x, y)`` shift of the slide's tile grid in model pixels, each in
             ``[0, stride)`` (a test hook: translation consistency is measured with half a
             stride; ``--grid-offset-px``, hidden).
@@ -108,6 +114,7 @@ class PredictOptions:
     region_px: int = 1024
     halo_um: float = 32.0
     grid_offset_px: tuple[int, int] = (0, 0)
+    blending: str = "centre"
     object_type: str = "detection"
     cell_expansion_um: float = 0.0
     postprocess: PostProcess | None = None
@@ -133,6 +140,8 @@ class PredictOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.region_px < 1:
             raise ValueError(f"region_px must be >= 1, got {self.region_px}")
+        if self.blending not in BLENDINGS:
+            raise ValueError(f"blending must be one of {BLENDINGS}, got {self.blending!r}")
         if len(self.grid_offset_px) != 2 or min(self.grid_offset_px) < 0:
             raise ValueError(f"grid_offset_px must be two integers >= 0, got {self.grid_offset_px}")
         if self.chunk_px is not None and self.chunk_px < 1:
@@ -170,6 +179,12 @@ class SlidePlan:
     # slide-grid tiles around it (cellseg.tiling.Canvas.on_grid).
     owned_box: Box | None = None
     grid_offset_xy: tuple[int, int] = (0, 0)  # the slide grid's shift (a test hook)
+    blending: str = "centre"  # PredictOptions.blending
+
+    def blend_weights(self) -> np.ndarray:
+        """``tile_px×tile_px`` float32 blending weights of :attr:`blending`."""
+        t, ov = self.layout.tile_px, self.layout.overlap_px
+        return centre_weights(t, ov) if self.blending == "centre" else blend_weights(t, ov)
 
     @property
     def output_box(self) -> Box:
@@ -333,6 +348,7 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
         cell_expansion_px=cell_px,
         owned_box=owned_box,
         grid_offset_xy=offset,
+        blending=options.blending,
     )
 
 

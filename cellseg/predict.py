@@ -186,13 +186,19 @@ def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs
         "layout": asdict(plan.layout),
         # Region geometry: a journal of an older version with other region cores must not resume.
         "regions": "block cores shifted up and left by halo_px",
-        "tiling": [TILING_SCHEME, list(plan.grid_offset_xy), plan.owned_box],
+        "tiling": [TILING_SCHEME, plan.blending, list(plan.grid_offset_xy), plan.owned_box],
         "tissue": [options.tissue_mask, options.tissue_mpp],
         "postprocess": plan.postprocess.to_dict(),
         "cell_expansion_px": plan.cell_expansion_px,  # the journal holds the cells' outlines
         "zarr": str(outputs.zarr_partial.resolve()),
         "with_labels": outputs.zarr is not None,
     }
+
+
+BLENDING_NAMES = {
+    "centre": "centre-weighted mean (cellseg.tiling.centre_weights)",
+    "linear": "taper-weighted mean (cellseg.tiling.blend_weights)",
+}
 
 
 def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
@@ -228,7 +234,7 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
             "stride_px": layout.stride_px,
             "region_px": layout.block_px,
             "halo_px": layout.halo_px,
-            "blending": "centre-weighted mean (cellseg.tiling.centre_weights)",
+            "blending": BLENDING_NAMES[plan.blending],
             "grid": "tiles on the slide's grid: starts at bounds origin + (offset + k·stride)",
             "grid_offset_px": list(plan.grid_offset_xy),
             "ownership": "nucleus kept by the region containing its centroid",
@@ -471,7 +477,7 @@ def run_provenance(
         "cell_expansion_um": options.cell_expansion_um,
         "precision": _precision_of(predictor, options),
         "postprocess": postprocess_for(predictor, options).to_dict(),
-        "tiling": [TILING_SCHEME, list(options.grid_offset_px)],
+        "tiling": [TILING_SCHEME, options.blending, list(options.grid_offset_px)],
         "geometry": [
             options.backend,
             options.tissue_mpp,
