@@ -194,3 +194,31 @@ def test_flood_order_is_unique_and_the_same_in_every_window():
     inner = flood_order(elevation[window], mask[window])
     inside = mask[window]
     np.testing.assert_array_equal(np.argsort(inner[inside]), np.argsort(ranks[window][inside]))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_roi_run_resumes_on_the_same_grid(dense_slide, tmp_path):
+    path, _ = dense_slide
+    opts = PredictOptions(**{**FAST, "region_px": 192, "roi_xywh": (151, 97, 333, 250)})
+    reference = run(path, tmp_path / "a", region_px=192, roi_xywh=(151, 97, 333, 250))
+    outputs = SlideOutputs(geojson=tmp_path / "b" / "n.geojson", zarr=tmp_path / "b" / "n.zarr")
+
+    def stop(done: int, total: int) -> None:
+        if done == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        predict_slide(path, DiscOracle(), outputs, opts, on_region=stop)
+    summary = predict_slide(path, DiscOracle(), outputs, opts)
+    assert summary["resumed"]
+    features = json.loads(outputs.geojson.read_text())["features"]
+    resumed = [shapely.geometry.shape(f["geometry"]) for f in features]
+    assert geometry_set(resumed) == geometry_set(reference)
+    za, zb = (
+        zarr.open_group(str(p / "n.zarr"), mode="r") for p in (tmp_path / "a", tmp_path / "b")
+    )
+    np.testing.assert_array_equal(za["labels/nuclei/0"][:], zb["labels/nuclei/0"][:])
+    assert za["0"].shape == (250, 333)  # the ROI's Zarr covers the ROI
