@@ -35,15 +35,16 @@ from .tiling import (
 )
 from .tissue import tissue_area_mm2, tissue_mask
 
-# Default tile overlap of whole-slide prediction, in µm at the model's mpp (64 px at 0.5 µm/px),
-# with centre-weighted blending: the cheapest overlap measured to keep >= 97 % of the nuclei
-# when the grid moves by half a stride (benchmarks/translation_consistency.py, README there).
+# Default tile overlap of whole-slide prediction, in µm at the model's mpp (64 px at 0.5 µm/px;
+# the stride, 160 px, stays a multiple of the network's 32 px downsampling, which matters:
+# benchmarks/README.md). Measured with benchmarks/translation_consistency.py: a half-stride
+# grid shift keeps 0.89 of the nuclei (0.84 at 32 px, 0.92 at 96 px for 1.56x the tiles).
 PREDICT_OVERLAP_UM = 32.0
 # What makes two runs' probabilities and nuclei differ beyond the options (journal fingerprint,
-# provenance): the slide-anchored grid, centre-weighted float64 blending, float32 working
-# probabilities and rank-ordered watershed (issue 11).
+# provenance): the slide-anchored grid, float64 blending, float32 working probabilities and
+# rank-ordered watershed (issue 11).
 BLENDINGS = ("centre", "linear")
-TILING_SCHEME = "slide grid; centre weights (sin² over the overlap); float32 watershed by rank"
+TILING_SCHEME = "slide grid; float64 blending; float32 watershed by rank"
 
 
 class TilePredictor(Protocol):
@@ -83,9 +84,10 @@ class PredictOptions:
             About 1000 px keeps the labelling windows, block images and blending sums small, so
             memory stays low while labelling runs beside the model; larger blocks mean fewer
             reads but more memory. It does not change the nuclei (issue 11).
-        blending: tile weights, ``"centre"`` (:func:`cellseg.tiling.centre_weights`, the
-            default) or ``"linear"`` (:func:`cellseg.tiling.blend_weights`, the taper of
-            earlier versions); kept for measurements (benchmarks/translation_consistency.py).
+        blending: tile weights, ``"linear"`` (:func:`cellseg.tiling.blend_weights`, the
+            default) or ``"centre"`` (:func:`cellseg.tiling.centre_weights`: ~0 at the tile
+            border). Linear measured slightly more translation-consistent (it averages the
+            tiles more evenly; benchmarks/README.md); ``"centre"`` is kept for measurements.
         grid_offset_px: ``(x, y)`` shift of the slide's tile grid in model pixels, each in
             ``[0, stride)`` (a test hook: translation consistency is measured with half a
             stride; ``--grid-offset-px``, hidden).
@@ -114,7 +116,7 @@ class PredictOptions:
     region_px: int = 1024
     halo_um: float = 32.0
     grid_offset_px: tuple[int, int] = (0, 0)
-    blending: str = "centre"
+    blending: str = "linear"
     object_type: str = "detection"
     cell_expansion_um: float = 0.0
     postprocess: PostProcess | None = None
@@ -179,7 +181,7 @@ class SlidePlan:
     # slide-grid tiles around it (cellseg.tiling.Canvas.on_grid).
     owned_box: Box | None = None
     grid_offset_xy: tuple[int, int] = (0, 0)  # the slide grid's shift (a test hook)
-    blending: str = "centre"  # PredictOptions.blending
+    blending: str = "linear"  # PredictOptions.blending
 
     def blend_weights(self) -> np.ndarray:
         """``tile_px×tile_px`` float32 blending weights of :attr:`blending`."""

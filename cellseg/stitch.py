@@ -1,9 +1,10 @@
 """Seam-free blending of overlapping tile probabilities, streamed block by block.
 
 Every canvas pixel gets ``Σ w_t·p_t / Σ w_t`` over the tiles ``t`` that cover it, with the
-centre weights of :func:`cellseg.tiling.centre_weights` (Cellpose's ``average_tiles`` idea,
-PEERS.md §2B): no seams, and a pixel seen by one tile keeps that tile's value. Tiles that were
-not run (glass) simply do not contribute; a pixel no tile covered is background.
+plan's blending weights (:func:`cellseg.tiling.blend_weights` or
+:func:`cellseg.tiling.centre_weights`; Cellpose's ``average_tiles`` idea, PEERS.md §2B): no
+seams, and a pixel seen by one tile keeps that tile's value. Tiles that were not run (glass)
+simply do not contribute; a pixel no tile covered is background.
 
 The sums are float64: each ``w·p`` of two float32 numbers is exact in float64, and the at most
 four terms of a pixel are added in an order that depends on how tiles fall into blocks. In

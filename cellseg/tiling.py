@@ -3,6 +3,10 @@
 Three nested grids live on one *canvas*, the raster of the processed slide area resampled to the
 model's mpp (array axis order y, x; all sizes in canvas pixels):
 
+The canvas is cut from the slide's global tile grid (:class:`TileGrid`, :meth:`Canvas.on_grid`):
+its pixel 0 is a tile start of that grid, so a whole-slide run, an ROI and a resumed run run the
+same tiles over the same pixels (issue 11).
+
 * **tiles** (``tile_px``, 224) are what the network sees. Tile ``(ty, tx)`` covers
   ``[ty·S, ty·S + tile_px) × [tx·S, tx·S + tile_px)`` with stride ``S = tile_px - overlap_px``,
   so neighbouring tiles share ``overlap_px`` pixels that are blended with taper weights.
