@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slide", type=Path, default=None)
     parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
-    parser.add_argument("--mpp", type=float, default=0.5, help="slide mpp override (0.5)")
+    parser.add_argument(
+        "--mpp", type=float, default=0.5, help="slide mpp override (0.5; 0: the slide's own)"
+    )
+    parser.add_argument("--no-shift", action="store_true", help="only the ROI check")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--overlap-px", type=int, default=None, help="default: the library's")
     parser.add_argument("--blending", default=None, help="centre or linear (default: library's)")
@@ -114,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor(bundle, device="cpu", precision=args.precision)
     fields = {f.name for f in dataclasses.fields(PredictOptions)}
     has_offset = "grid_offset_px" in fields
-    base = {"mpp": args.mpp, "workers": 0, "label_workers": 0}
+    mpp = args.mpp or None
+    base = {"mpp": mpp, "workers": 0, "label_workers": 0}
     if args.overlap_px is not None:
         base["overlap_px"] = args.overlap_px
     if args.blending is not None:
         base["blending"] = args.blending
-    with open_slide(slide, "openslide", args.mpp) as opened:
+    with open_slide(slide, "openslide", mpp) as opened:
         width, height = opened.bounds_xy[2], opened.bounds_xy[3]
         scale = predictor.mpp / opened.mpp
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="cellseg-translation-"))
@@ -151,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         "nuclei": len(reference),
         "mode": "grid_offset_px" if has_offset else "emulated with an ROI",
     }
-    if has_offset:
+    if args.no_shift:
+        a = b = []
+    elif has_offset:
         shifted, _ = run("shifted", grid_offset_px=(shift, shift))
         a, b = reference, shifted
     else:
@@ -160,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         m = args.margin_px
         box = (offset + m, offset + m, width - m, height - m)
         a, b = inside(reference, box), inside(shifted, box)
-    results["shift"] = {"reference_in_shifted": match(a, b), "shifted_in_reference": match(b, a)}
+    results["shift"] = (
+        {}
+        if args.no_shift
+        else {"reference_in_shifted": match(a, b), "shifted_in_reference": match(b, a)}
+    )
     print(
         f"{slide.name}: overlap {results['overlap_px']} px, {grid_per_mm2:.1f} grid tiles/mm² "
         f"({tiles_per_mm2:.1f} tissue tiles per processed mm²), {results['blending']} "

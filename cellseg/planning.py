@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import SlideError
+from .errors import CellsegError, SlideError
 from .geojson import OBJECT_TYPES
 from .instances import PostProcess
 from .slide import Slide
@@ -40,10 +40,10 @@ from .tissue import tissue_area_mm2, tissue_mask
 # benchmarks/README.md). Measured with benchmarks/translation_consistency.py: a half-stride
 # grid shift keeps 0.89 of the nuclei (0.84 at 32 px, 0.92 at 96 px for 1.56x the tiles).
 PREDICT_OVERLAP_UM = 32.0
+BLENDINGS = ("centre", "linear")  # PredictOptions.blending
 # What makes two runs' probabilities and nuclei differ beyond the options (journal fingerprint,
 # provenance): the slide-anchored grid, float64 blending, float32 working probabilities and
 # rank-ordered watershed (issue 11).
-BLENDINGS = ("centre", "linear")
 TILING_SCHEME = "slide grid; float64 blending; float32 watershed by rank"
 
 
@@ -300,9 +300,10 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
     halo = math.ceil(options.halo_um / model_mpp)
     if halo > block_px - overlap:
         # A smaller halo would change the nuclei; the block size must not (issue 11).
-        raise ValueError(
-            f"region_px {options.region_px} gives {block_px} px blocks, too small for a "
-            f"{halo} px halo and {overlap} px overlap; use at least {halo + overlap + tile_px}"
+        raise CellsegError(
+            f"--block-px {options.region_px} gives {block_px} px blocks, too small for this "
+            f"model's {halo} px halo and {overlap} px overlap; use at least "
+            f"{halo + overlap + tile_px}"
         )
     stride = tile_px - overlap
     offset = tuple(int(v) % stride for v in options.grid_offset_px)  # a stride is no shift

@@ -20,6 +20,7 @@ from oracle import DiscOracle, draw_disc
 from shapely.strtree import STRtree
 from slides import make_pyramid_tiff
 
+from cellseg.errors import CellsegError
 from cellseg.instances import flood_order
 from cellseg.predict import PredictOptions, SlideOutputs, plan_slide, predict_slide
 from cellseg.slide import open_slide
@@ -222,3 +223,12 @@ def test_an_interrupted_roi_run_resumes_on_the_same_grid(dense_slide, tmp_path):
     )
     np.testing.assert_array_equal(za["labels/nuclei/0"][:], zb["labels/nuclei/0"][:])
     assert za["0"].shape == (250, 333)  # the ROI's Zarr covers the ROI
+
+
+def test_blocks_too_small_for_the_halo_are_refused_not_shrunk(dense_slide):
+    """Shrinking the halo to fit would change the nuclei; the block size must not."""
+    path, _ = dense_slide
+    with open_slide(path) as slide, pytest.raises(CellsegError, match="--block-px 100"):
+        plan_slide(
+            slide, DiscOracle(), PredictOptions(**{**FAST, "region_px": 100, "overlap_px": 96})
+        )
