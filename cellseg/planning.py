@@ -310,7 +310,8 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
     grid = TileGrid(tile_px, stride, offset, context_px=halo)
     canvas = Canvas.on_grid(area, tuple(slide.bounds_xy), slide.mpp, model_mpp, grid)
     layout = TileLayout(canvas.height_px, canvas.width_px, tile_px, overlap, per_block, halo)
-    owned_box = _canvas_box(canvas, area)  # the ROI or the slide: the outputs' extent
+    # The ROI or the slide: the outputs' extent.
+    owned_box = _canvas_box(canvas, area, tuple(slide.bounds_xy))
     tissue_area = None
     if options.tissue_mask:
         tissue_mpp, min_object_px = _tissue_resolution(slide, options.tissue_mpp)
@@ -355,12 +356,19 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
     )
 
 
-def _canvas_box(canvas: Canvas, area_xywh: tuple[int, int, int, int]) -> Box:
-    """Canvas box ``(y0, y1, x0, x1)`` of a level-0 rectangle: its start rounded to a canvas
-    pixel, its size as :meth:`Canvas.from_area` gives it (so an ROI's outputs keep their size)."""
+def _canvas_box(
+    canvas: Canvas, area_xywh: tuple[int, int, int, int], bounds_xy: tuple[int, int, int, int]
+) -> Box:
+    """Canvas box ``(y0, y1, x0, x1)`` of a level-0 rectangle: its start rounded to a pixel of
+    the slide's grid (so every canvas cut from the grid puts it on the same model pixel), its
+    size as :meth:`Canvas.from_area` gives it (so an ROI's outputs keep their size)."""
     x, y, w, h = area_xywh
-    (ox, oy), scale = canvas.origin_xy, canvas.scale
-    y0, x0 = max(0, round((y - oy) / scale)), max(0, round((x - ox) / scale))
+    scale = canvas.scale
+    # The canvas starts on a whole model pixel of the grid: recover that integer exactly.
+    cx = round((canvas.origin_xy[0] - bounds_xy[0]) / scale)
+    cy = round((canvas.origin_xy[1] - bounds_xy[1]) / scale)
+    y0 = max(0, round((y - bounds_xy[1]) / scale) - cy)
+    x0 = max(0, round((x - bounds_xy[0]) / scale) - cx)
     height = max(1, math.ceil(round(h / scale, 6)))
     width = max(1, math.ceil(round(w / scale, 6)))
     return (y0, min(canvas.height_px, y0 + height), x0, min(canvas.width_px, x0 + width))
