@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,6 +131,32 @@ class StageClock:
         return missing
 
 
+def stage_cpu(run: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+    """Runs ``run()`` with the stage functions wrapped; returns its result and the figures.
+
+    The figures: ``stage_cpu_s`` and ``stage_busy_s`` (per stage, this process's threads),
+    ``cpu_process_s`` (this process, all threads), ``cpu_children_s`` (child processes that
+    ended meanwhile: readers, labelling workers), ``unattributed_cpu_s`` (process CPU outside
+    the stages: torch's intra-op threads, Zarr's I/O thread, Python overhead) and
+    ``missing_hooks`` (stage functions this checkout does not have).
+    """
+    clock = StageClock()
+    missing = clock.install()
+    cpu_self = _cpu_seconds(resource.RUSAGE_SELF)
+    cpu_children = _cpu_seconds(resource.RUSAGE_CHILDREN)
+    value = run()
+    cpu_self = _cpu_seconds(resource.RUSAGE_SELF) - cpu_self
+    figures = {
+        "cpu_process_s": cpu_self,
+        "cpu_children_s": _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_children,
+        "stage_cpu_s": dict(clock.cpu_s),
+        "stage_busy_s": dict(clock.wall_s),
+        "unattributed_cpu_s": cpu_self - sum(clock.cpu_s.values()),
+        "missing_hooks": missing,
+    }
+    return value, figures
+
+
 def _rebind_imports(module_name: str, name: str, original: Callable, wrapped: Callable) -> None:
     for module in list(sys.modules.values()):
         if module is None or not getattr(module, "__name__", "").startswith("cellseg"):
@@ -174,35 +201,22 @@ def child_main(request_path: Path) -> None:
         predictor(tiles)
     model_tps = request["model_batches"] * batch / (time.perf_counter() - start)
 
-    clock = StageClock()
-    missing = clock.install()
     out_dir = Path(request["out_dir"])
     options = PredictOptions(batch_size=batch, label_workers=0, overwrite=True)
     outputs = SlideOutputs(geojson=out_dir / "nuclei.geojson", zarr=out_dir / "nuclei.zarr")
-    cpu_self, cpu_children = (
-        _cpu_seconds(resource.RUSAGE_SELF),
-        _cpu_seconds(resource.RUSAGE_CHILDREN),
-    )
     start = time.perf_counter()
-    summary = predict_slide(request["slide"], predictor, outputs, options)
+    summary, stages = stage_cpu(
+        lambda: predict_slide(request["slide"], predictor, outputs, options)
+    )
     wall_s = time.perf_counter() - start
-    cpu_self = _cpu_seconds(resource.RUSAGE_SELF) - cpu_self
-    cpu_children = _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_children
-    stage_cpu = dict(clock.cpu_s)
-    stage_cpu["read"] += cpu_children
     result = {
         "precision": predictor.precision,
         "model_tiles_per_s": model_tps,
         "wall_s": wall_s,
         "tiles": summary["tiles"],
         "nuclei": summary["nuclei"],
-        "cpu_process_s": cpu_self,
-        "cpu_children_s": cpu_children,
-        "stage_cpu_s": stage_cpu,
-        "stage_busy_s": clock.wall_s,
-        "unattributed_cpu_s": cpu_self - sum(clock.cpu_s.values()),
+        **stages,
         "peak_rss_mb": _peak_rss_mb(),
-        "missing_hooks": missing,
         "pipeline_stats": summary.get("stages", {}),
     }
     request_path.with_suffix(".result.json").write_text(json.dumps(result))
@@ -233,6 +247,11 @@ def run_child(code: Path, precision: str, args: argparse.Namespace, work: Path, 
     return json.loads(request.with_suffix(".result.json").read_text())
 
 
+def _children(result: dict, stage: str) -> float:
+    """Child-process CPU belongs to ``read`` here: labelling runs in this process."""
+    return result["cpu_children_s"] if stage == "read" else 0.0
+
+
 def _mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
 
@@ -259,7 +278,10 @@ def report(results: dict[str, list[dict]]) -> list[str]:
     row("process CPU (s)", [_mean(results[n], "cpu_process_s") for n in names])
     lines.append("CPU seconds per stage (thread CPU; read = reader processes):")
     for stage in STAGES:
-        values = [float(np.mean([r["stage_cpu_s"][stage] for r in results[n]])) for n in names]
+        values = [
+            float(np.mean([r["stage_cpu_s"][stage] + _children(r, stage) for r in results[n]]))
+            for n in names
+        ]
         row(f"  {stage}", values)
     row("  unattributed (torch threads)", [_mean(results[n], "unattributed_cpu_s") for n in names])
     lines.append("busy wall seconds per stage:")
