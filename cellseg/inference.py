@@ -46,7 +46,8 @@ class Predictor:
     dihedral group D4: nuclei have no preferred orientation), at 8x the network cost. The average
     is equivariant (up to float rounding): rotating the input rotates the output. Its measured
     effect on the shipped model is in docs/RESULTS.md. The views run batched: up to
-    ``max_tta_batch`` view tiles per network call (:meth:`_tta_softmax`).
+    ``max_tta_batch`` view tiles per network call (:meth:`_tta_softmax`; default 128 on CUDA;
+    1 on the CPU, i.e. one call per view, which measured faster there).
     """
 
     def __init__(
@@ -56,12 +57,17 @@ class Predictor:
         precision: str = "auto",
         compile: bool = False,
         tta: bool = False,
-        max_tta_batch: int = 128,
+        max_tta_batch: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.tta = tta
-        self.max_tta_batch = max_tta_batch
+        # A GPU is fed best by big batches. On this project's CPU (bf16, 1 thread) bigger
+        # calls were slower: 8 tiles as 1 call of 64 view tiles took 1.6-2.3x, as 4 calls of
+        # 16 1.1-1.2x, and 2 tiles as 2 calls of 8 1.1-1.4x the time of one call per view
+        # (benchmarks/README.md), so on the CPU the views keep one call each.
+        default_batch = 128 if self.device.type == "cuda" else 1
+        self.max_tta_batch = max_tta_batch or default_batch
         self.bundle = bundle
         self.model = bundle.model.to(self.device).eval()
         self.mpp = float(bundle.meta.get("mpp", 0.5))
@@ -92,8 +98,8 @@ class Predictor:
         """Mean softmax (``N×C×H×W`` float32) over the 8 D4 views of ``x`` (``N×3×H×W``).
 
         The views go through the network together, stacked along the batch axis, in as few
-        calls as ``max_tta_batch`` allows (one for a batch of up to 16 square tiles): a bigger
-        batch keeps the cores (or the GPU) busier than 8 calls one after another. Views of
+        calls as ``max_tta_batch`` allows (on CUDA one call for a batch of up to 16 square
+        tiles): a big batch keeps a GPU busier than 8 calls one after another. Views of
         non-square tiles with an odd number of quarter turns are ``W×H`` and go in calls of
         their own.
         """

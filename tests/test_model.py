@@ -168,7 +168,9 @@ def test_tta_runs_its_views_batched_with_the_same_average(tmp_path):
     cfg = ModelConfig.tiny()
     torch.manual_seed(0)
     save_bundle(tmp_path / "m.safetensors", build_model(cfg), cfg, {"mpp": 0.5, "tile_px": 64})
-    batched = Predictor(load_bundle(tmp_path / "m.safetensors"), device="cpu", tta=True)
+    batched = Predictor(
+        load_bundle(tmp_path / "m.safetensors"), device="cpu", tta=True, max_tta_batch=16
+    )
     one_by_one = Predictor(
         load_bundle(tmp_path / "m.safetensors"), device="cpu", tta=True, max_tta_batch=1
     )
