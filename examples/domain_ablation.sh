@@ -3,7 +3,7 @@
 # Three runs with the same data (MoNuSeg + CoNSeP), budget, seed and warm start, differing in
 # one switch each; each run's best epoch (selected on the mean of the two validation Dice) is
 # reported per validation set by examples/domain_ablation_summary.py.
-# Usage: examples/domain_ablation.sh EPOCHS SEED [INIT]     e.g. examples/domain_ablation.sh 6 0
+# Usage: examples/domain_ablation.sh EPOCHS SEED [INIT]     e.g. THREADS=1 examples/domain_ablation.sh 6 0
 # Resumable: re-running continues unfinished runs from their last epoch.
 set -euo pipefail
 EPOCHS=${1:-6}; SEED=${2:-0}; INIT=${3:-cellseg/weights/default.safetensors}
@@ -14,6 +14,6 @@ for name in full no-cim no-stain-aug; do
   resume=""; [ -f "$out/last_state.pt" ] && resume="--resume"
   # shellcheck disable=SC2086
   cellseg train --data "$SHARED/monuseg" --data "$SHARED/consep" --init "$INIT" \
-      --epochs "$EPOCHS" --lr 0.0005 --seed "$SEED" --out "$out" ${FLAGS[$name]} $resume
+      --epochs "$EPOCHS" --lr 0.0005 --seed "$SEED" --threads "${THREADS:-2}" --out "$out" ${FLAGS[$name]} $resume
 done
 python examples/domain_ablation_summary.py "runs/domains-e${EPOCHS}-s${SEED}"
