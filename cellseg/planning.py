@@ -35,11 +35,13 @@ from .tiling import (
 )
 from .tissue import tissue_area_mm2, tissue_mask
 
-# Default tile overlap of whole-slide prediction, in µm at the model's mpp (64 px at 0.5 µm/px;
-# the stride, 160 px, stays a multiple of the network's 32 px downsampling, which matters:
-# benchmarks/README.md). Measured with benchmarks/translation_consistency.py: a half-stride
-# grid shift keeps 0.89 of the nuclei (0.84 at 32 px, 0.92 at 96 px for 1.56x the tiles).
-PREDICT_OVERLAP_UM = 32.0
+# Default tile overlap of whole-slide prediction, in µm at the model's mpp (32 px at 0.5 µm/px;
+# the stride, 192 px, stays a multiple of the network's 32 px downsampling, which matters:
+# benchmarks/README.md). Measured with benchmarks/translation_consistency.py on the v1 model: a
+# half-stride grid shift keeps 0.84 of the nuclei (0.89 at 64 px for 1.44x the tiles, 0.92 at
+# 96 px for 2.25x). 32 px keeps today's cost, which the speed goals of issues 10 and 11 need;
+# `--overlap-px 64|96` buys consistency with tiles.
+PREDICT_OVERLAP_UM = 16.0
 BLENDINGS = ("centre", "linear")  # PredictOptions.blending
 # What makes two runs' probabilities and nuclei differ beyond the options (journal fingerprint,
 # provenance): the slide-anchored grid, float64 blending, float32 working probabilities and
@@ -78,7 +80,7 @@ class PredictOptions:
         label_workers: processes for instance extraction and polygons (0: the post-processing
             thread does it); None: :func:`default_label_workers`.
         overlap_px: tile overlap at the model's mpp; None: ``PREDICT_OVERLAP_UM``
-            (:func:`overlap_for_mpp`; 64 px at 0.5 µm/px).
+            (:func:`overlap_for_mpp`; 32 px at 0.5 µm/px).
         region_px: side of a read block / labelling region at the model's mpp (``--block-px``),
             rounded to whole tile strides (1024: 960 px for 224 px tiles overlapping by 64 px).
             About 1000 px keeps the labelling windows, block images and blending sums small, so
