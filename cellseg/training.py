@@ -48,6 +48,9 @@ from .resample import resize_sample
 log = logging.getLogger(__name__)
 
 PRESETS = ("paper", "wsi")
+# Held-out tiles of datasets without val_ids.txt are drawn with this seed, not the run's: runs
+# with different seeds (ablations, repeats) must be compared on the same validation tiles.
+VAL_SPLIT_SEED = 0
 MODEL_SIZES = ("default", "paper", "tiny")
 
 
@@ -149,9 +152,9 @@ def load_domain(root: Path, opts: TrainOptions) -> Domain:
     samples = [load_sample(f) for f in find_samples(folder)]
     grouped = any(s.group is not None for s in samples)
     if grouped and val_ids_file is None:
-        train, val = split_by_group(samples, opts.val_fraction, opts.seed)
+        train, val = split_by_group(samples, opts.val_fraction, VAL_SPLIT_SEED)
     else:
-        train, val = split_train_val(samples, val_ids_file, opts.seed)
+        train, val = split_train_val(samples, val_ids_file, VAL_SPLIT_SEED)
     name = root.name if root.name.lower() not in ("train", "") else root.parent.name
     return Domain(name, folder, train, val)
 

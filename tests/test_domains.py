@@ -140,3 +140,10 @@ def test_hed_jitter_changes_only_haematoxylin_and_eosin():
     torch.testing.assert_close(after[2][unclipped], before[2][unclipped], atol=1e-4, rtol=0)
     assert (after[:2] - before[:2]).abs().max() > 1e-3  # H and E moved
     assert out.min() >= 0 and out.max() <= 1
+
+
+def test_the_validation_tiles_do_not_depend_on_the_run_seed(patches):
+    from cellseg.training import load_domain
+
+    splits = [load_domain(patches, TrainOptions(data=str(patches), seed=seed)) for seed in (0, 7)]
+    assert [s.image_id for s in splits[0].val] == [s.image_id for s in splits[1].val]
