@@ -44,6 +44,7 @@ from .instances import PostProcess
 from .journal import Journal, NucleusRecord
 from .nuclei import LABEL_KEY, RegionJob, RegionNuclei, extract_region
 from .readahead import ReadRequest, RegionReader, SlideSource
+from .rejection import Rejection
 from .stitch import Stitcher
 from .store import PredictionStore
 from .tiling import Canvas, TileLayout
@@ -97,6 +98,7 @@ class SlidePlan:
     precision: str = "fp32"  # the predictor's resolved precision (cellseg.precision)
     slide_sha256: str | None = None  # content hash: seeds the GeoJSON feature ids
     cell_expansion_px: int = 0  # > 0: cells grown from the nuclei (--object-type cell)
+    rejection: Rejection | None = None  # the model's learned rejection (cellseg.rejection)
 
     @property
     def block_tile_counts(self) -> np.ndarray:
@@ -287,6 +289,7 @@ class _PostProcessor:
             slide_mpp=plan.slide_mpp,
             keep_labels=self.store.has_labels,
             cell_expansion_px=plan.cell_expansion_px,
+            rejection=plan.rejection,
         )
         nucleus_u8, interior_u8 = self.store.read_probabilities(window)
         rgb = self.store.read_pixels(window)
@@ -325,6 +328,8 @@ class _PostProcessor:
                 write_feature(self.writer, record)
         counters = dict(self.journal.counters)
         counters["dropped"] = counters.get("dropped", 0) + dropped
+        if result is not None and result.rejected:
+            counters["rejected"] = counters.get("rejected", 0) + result.rejected
         counters["seconds"] = self.base_seconds + time.monotonic() - self.started
         self.journal.record_region(records, first_id + len(records), counters)
 

@@ -59,6 +59,7 @@ from .pipeline import (
     write_feature,
 )
 from .readahead import RegionReader, SlideSource
+from .rejection import rejection_of
 from .slide import Slide, open_slide
 from .store import PredictionStore
 from .tiling import Canvas, TileLayout, overlap_for_mpp, tiles_per_block_for, tissue_tiles
@@ -281,6 +282,17 @@ def _postprocess_for(predictor: TilePredictor, options: PredictOptions) -> PostP
     return PostProcess.from_dict(meta.get("postprocess", {}))
 
 
+def _model_rejection_entry(predictor: TilePredictor) -> dict[str, Any]:
+    rejection = rejection_of(getattr(getattr(predictor, "bundle", None), "meta", None))
+    return {} if rejection is None else {"rejection": rejection.to_dict()}
+
+
+def _rejection_entry(plan: SlidePlan) -> dict[str, Any]:
+    """``{"rejection": ...}`` for provenance when the model has a learned rejection, else
+    nothing (so results of models without one are described exactly as before)."""
+    return {} if plan.rejection is None else {"rejection": plan.rejection.to_dict()}
+
+
 MIN_THUMBNAIL_PX = 16  # thumbnail side below which the tissue mask is made at a finer mpp
 
 
@@ -347,6 +359,7 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
         precision=str(getattr(predictor, "precision", "fp32")),
         slide_sha256=_file_sha256(Path(slide.path)) if Path(slide.path).is_file() else None,
         cell_expansion_px=cell_px,
+        rejection=rejection_of(getattr(getattr(predictor, "bundle", None), "meta", None)),
     )
 
 
@@ -369,6 +382,7 @@ def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs
         "regions": "block cores shifted up and left by halo_px",
         "tissue": [options.tissue_mask, options.tissue_mpp],
         "postprocess": plan.postprocess.to_dict(),
+        **_rejection_entry(plan),
         "cell_expansion_px": plan.cell_expansion_px,  # the journal holds the cells' outlines
         "zarr": str(outputs.zarr_partial.resolve()),
         "with_labels": outputs.zarr is not None,
@@ -401,6 +415,7 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
         },
         "num_classes": plan.num_classes,
         "postprocess": plan.postprocess.to_dict(),
+        **_rejection_entry(plan),
         "tiling": {
             "tile_px": layout.tile_px,
             "overlap_px": layout.overlap_px,
@@ -499,6 +514,11 @@ def _summary(
         "regions": len(list(layout.blocks())),
         "nuclei": journal.next_id - 1,
         "objects_dropped_larger_than_halo": int(journal.counters.get("dropped", 0)),
+        **(
+            {"nuclei_rejected": int(journal.counters.get("rejected", 0))}
+            if plan.rejection is not None
+            else {}
+        ),
         "seconds": round(seconds, 3),
         "seconds_this_session": round(stats.session_seconds, 3),
         "tiles_per_second": round(stats.pipeline.tiles_run / stats.session_seconds, 2)
@@ -526,6 +546,7 @@ def _summary(
             "precision": plan.precision,
             "device": str(getattr(predictor, "device", "unknown")),
             "postprocess": plan.postprocess.to_dict(),
+            **_rejection_entry(plan),
         },
         "versions": _versions(),
         "outputs": {k: str(v) for k, v in asdict(outputs).items() if v is not None},
@@ -647,6 +668,7 @@ def run_provenance(
         "cell_expansion_um": options.cell_expansion_um,
         "precision": _precision_of(predictor, options),
         "postprocess": _postprocess_for(predictor, options).to_dict(),
+        **_model_rejection_entry(predictor),
         "geometry": [
             options.backend,
             options.tissue_mpp,
