@@ -70,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=TrainOptions.seed, help="split seed")
     parser.add_argument("--val-fraction", type=float, default=TrainOptions.val_fraction)
     parser.add_argument("--l2", type=float, default=1e-3)
+    parser.add_argument(
+        "--match-iou",
+        type=float,
+        default=MATCH_IOU,
+        help="a training nucleus is true when its IoU with a true one is at least this",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -184,7 +190,7 @@ def main(argv=None) -> int:
     x = np.concatenate(
         [feature_matrix(t["measurements"], DEFAULT_FEATURES) for t in train if t["measurements"]]
     )
-    y = np.concatenate([t["iou"] >= MATCH_IOU for t in train]).astype(np.float64)
+    y = np.concatenate([t["iou"] >= args.match_iou for t in train]).astype(np.float64)
     rejection = fit_logistic(x, y, DEFAULT_FEATURES, l2=args.l2)
     train_p = rejection.probability(x)
     print(
@@ -209,6 +215,7 @@ def main(argv=None) -> int:
     report = {
         "model": str(args.model),
         "precision": cache.precision,
+        "match_iou": args.match_iou,
         "rows": rows,
         "before": before,
         "rejection": None,
