@@ -5,7 +5,8 @@
 
 1. Every *training* tile of each ``--data`` folder (the trainer's own split:
    ``cellseg.training.load_domain``; MoNuSeg train minus ``val_ids.txt``, CoNSeP train minus its
-   held-out source tiles) goes through ``cellseg predict``'s code (``evaluate --protocol native``'s
+   held-out source tiles; where the model's ``meta["val_ids"]`` names tiles of a folder, exactly
+   those are its validation tiles) goes through ``cellseg predict``'s code (``evaluate --protocol native``'s
    path) with the model's rejection off. Each predicted nucleus is labelled 1 when it matches a
    true nucleus at IoU >= 0.5, else 0; its features are measurements predict wrote
    (``cellseg.rejection.DEFAULT_FEATURES``).
@@ -24,6 +25,7 @@ Test tiles are never read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -81,6 +83,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="write every number")
     return parser.parse_args(argv)
+
+
+def model_split(domain, model_val_ids):
+    """The domain with the model's own validation tiles (``meta["val_ids"]``) as its validation
+    set where the model was trained on this domain (some of its tiles are among them): a seeded
+    split could otherwise fit on, or choose on, the wrong tiles. Domains the model never saw keep
+    the trainer's seeded split."""
+    held_out = set(model_val_ids or ())
+    samples = domain.train + domain.val
+    if not held_out & {s.image_id for s in samples}:
+        return domain
+    val = [s for s in samples if s.image_id in held_out]
+    train = [s for s in samples if s.image_id not in held_out]
+    print(f"{domain.name}: the model's own split, {len(train)} training / {len(val)} validation")
+    return dataclasses.replace(domain, train=train, val=val)
 
 
 def collect(cache: TileCache, samples) -> list[dict]:
@@ -175,6 +192,7 @@ def main(argv=None) -> int:
     )
     domains = [load_domain(root, opts) for root in roots]
     bundle = load_bundle(args.model)
+    domains = [model_split(d, bundle.meta.get("val_ids")) for d in domains]
     meta = {k: v for k, v in bundle.meta.items() if k != REJECTION_KEY}
     bundle.meta = dict(meta)  # fitting and "before" run without any stored rejection
     cache = TileCache(Predictor(bundle, device=args.device, precision=args.precision))
