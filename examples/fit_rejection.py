@@ -7,9 +7,9 @@
    ``cellseg.training.load_domain``; MoNuSeg train minus ``val_ids.txt``, CoNSeP train minus its
    held-out source tiles; where the model's ``meta["val_ids"]`` names tiles of a folder, exactly
    those are its validation tiles) goes through ``cellseg predict``'s code (the path of
-   ``evaluate --protocol native``) with the model's rejection off. Each predicted nucleus is labelled 1 when it matches a
-   true nucleus at IoU >= 0.5, else 0; its features are measurements predict wrote
-   (``cellseg.rejection.DEFAULT_FEATURES``).
+   ``evaluate --protocol native``) with the model's rejection off. Each predicted nucleus is
+   labelled 1 when it matches a true nucleus at IoU >= 0.5 (``--match-iou``), else 0; its
+   features are measurements predict wrote (``cellseg.rejection.DEFAULT_FEATURES``).
 2. A logistic regression is fitted on them (``cellseg.rejection.fit_logistic``).
 3. On the *validation* tiles the nuclei predict wrote are filtered at each threshold and scored
    as ``evaluate --protocol native`` scores them (the nuclei are independent, so this equals
