@@ -106,16 +106,17 @@ def two_sizes(tmp_path_factory):
     return path, truth, big
 
 
-def run(path, oracle, folder):
+def run(path, oracle, folder, label_workers=0):
     outputs = SlideOutputs(geojson=folder / "n.geojson", zarr=folder / "n.zarr")
-    opts = PredictOptions(region_px=256, chunk_px=256, workers=0, label_workers=0)
+    opts = PredictOptions(region_px=256, chunk_px=256, workers=0, label_workers=label_workers)
     summary = predict_slide(path, oracle, outputs, opts)
     labels = zarr.open_group(str(folder / "n.zarr"), mode="r")["labels/nuclei/0"][:]
     features = json.loads((folder / "n.geojson").read_text())["features"]
     return summary, labels, features
 
 
-def test_predict_removes_exactly_the_rejected_nuclei(two_sizes, tmp_path):
+@pytest.mark.parametrize("label_workers", [0, 1])  # 1: the rejection travels to a process
+def test_predict_removes_exactly_the_rejected_nuclei(two_sizes, tmp_path, label_workers):
     path, truth, big = two_sizes
     (tmp_path / "all").mkdir()
     (tmp_path / "kept").mkdir()
@@ -123,7 +124,7 @@ def test_predict_removes_exactly_the_rejected_nuclei(two_sizes, tmp_path):
     assert len(features_all) == truth.max() and "nuclei_rejected" not in summary_all
     np.testing.assert_array_equal(labels_all > 0, truth > 0)
     meta = {"rejection": area_rejection(30.0).to_dict()}
-    summary, labels, features = run(path, BundledOracle(meta), tmp_path / "kept")
+    summary, labels, features = run(path, BundledOracle(meta), tmp_path / "kept", label_workers)
     assert len(features) == summary["nuclei"] == len(big)
     assert summary["nuclei_rejected"] == truth.max() - len(big)
     # The label map holds the big discs, each whole under one id, and nothing else.
