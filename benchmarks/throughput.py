@@ -126,6 +126,11 @@ class EndToEndResult:
     peak_rss_main_mb: float  # the child's main process over its whole life (VmHWM)
     peak_rss_worker_mb: float  # the largest reader/labelling worker process (VmHWM, sampled)
     peak_rss_tree_mb: float  # largest sampled sum of RSS over the child and its workers
+    precision: str = "fp32"  # what the predictor ran (``--precision`` resolved)
+    stage_cpu_s: dict[str, float] = field(default_factory=dict)  # stage_times.stage_cpu
+    cpu_process_s: float = 0.0  # the child process, all threads, during predict_slide
+    cpu_children_s: float = 0.0  # reader and labelling processes
+    unattributed_cpu_s: float = 0.0  # process CPU outside the stages (torch's threads, ...)
 
 
 @dataclass
@@ -171,6 +176,7 @@ class Settings:
     threads: int | None
     compile: bool
     model_batches: int  # the model-only stage runs the first this many batches
+    precision: str = "auto"  # --precision: auto, fp32 or bf16
 
 
 @dataclass
@@ -419,6 +425,7 @@ def child_main(request_path: str) -> None:
     memory figures, so the peak RSS belongs to this run alone.
     """
     import torch
+    from stage_times import stage_cpu  # benchmarks/ is on the child's path
 
     from cellseg.checkpoint import load_bundle
     from cellseg.inference import Predictor
@@ -429,7 +436,9 @@ def child_main(request_path: str) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     bundle = load_bundle(request["model"])
-    predictor = Predictor(bundle, device=settings.device, compile=settings.compile)
+    predictor = Predictor(
+        bundle, device=settings.device, compile=settings.compile, precision=settings.precision
+    )
     tile_px = predictor.tile_px
     predictor(np.zeros((settings.batch_size, tile_px, tile_px, 3), np.uint8))  # as time_model
     peak_before = process_peak_mb(psutil.Process())
@@ -443,11 +452,15 @@ def child_main(request_path: str) -> None:
     )
     outputs = SlideOutputs(geojson=out_dir / "nuclei.geojson", zarr=out_dir / "nuclei.zarr")
     start = time.perf_counter()
-    summary = predict_slide(request["slide"], predictor, outputs, options)
+    summary, stages = stage_cpu(
+        lambda: predict_slide(request["slide"], predictor, outputs, options)
+    )
     seconds = time.perf_counter() - start
     result = {
         "summary": summary,
         "seconds": seconds,
+        "precision": predictor.precision,
+        "stages": stages,
         "peak_before_predict_mb": peak_before,
         "peak_rss_main_mb": process_peak_mb(psutil.Process()),
     }
@@ -552,6 +565,11 @@ def end_to_end_result(slide: SlideInfo, raw: dict, peak_tree_mb: float) -> EndTo
         peak_rss_main_mb=raw["peak_rss_main_mb"],  # the child's own, exact
         peak_rss_worker_mb=raw["peak_rss_worker_mb"],
         peak_rss_tree_mb=max(peak_tree_mb, raw["peak_rss_main_mb"]),
+        precision=raw["precision"],
+        stage_cpu_s=raw["stages"]["stage_cpu_s"],
+        cpu_process_s=raw["stages"]["cpu_process_s"],
+        cpu_children_s=raw["stages"]["cpu_children_s"],
+        unattributed_cpu_s=raw["stages"]["unattributed_cpu_s"],
     )
 
 
@@ -755,8 +773,23 @@ def end_to_end_line(e2e: EndToEndResult) -> str:
         else "no tissue area"
     )
     return stage_line(
-        "end to end", stage, f"predict_slide, GeoJSON + Zarr; {per_mm2}; {e2e.nuclei} nuclei"
+        "end to end",
+        stage,
+        f"predict_slide, {e2e.precision}, GeoJSON + Zarr; {per_mm2}; {e2e.nuclei} nuclei",
     )
+
+
+def stage_cpu_lines(e2e: EndToEndResult) -> list[str]:
+    """Where the end-to-end run's CPU seconds went (benchmarks/stage_times.py's hooks)."""
+    if not e2e.stage_cpu_s:
+        return []
+    total = e2e.cpu_process_s + e2e.cpu_children_s
+    parts = [f"{k} {v:.2f}" for k, v in e2e.stage_cpu_s.items() if v >= 0.005]
+    return [
+        f"CPU seconds per stage ({total:.1f} s in all): " + ", ".join(parts),
+        f"  + reader/labelling processes {e2e.cpu_children_s:.2f}, unattributed (torch "
+        f"intra-op threads, Zarr I/O thread, Python) {e2e.unattributed_cpu_s:.2f}",
+    ]
 
 
 def train_line(train: TrainResult) -> str:
@@ -860,6 +893,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="model precision"
+    )
     parser.add_argument("--backend", default="openslide", choices=("openslide", "tiffslide"))
     parser.add_argument(
         "--model-batches",
@@ -917,6 +953,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         threads=args.threads,
         compile=args.compile,
         model_batches=args.model_batches,
+        precision=args.precision,
     )
 
 
@@ -962,6 +999,8 @@ def benchmark_stages(
     say(stage_line("model only", result.model_only, f"batch {settings.batch_size}, in memory"))
     result.end_to_end = run_end_to_end(result.slide, model_path, settings, work_dir)
     say(end_to_end_line(result.end_to_end))
+    for line in stage_cpu_lines(result.end_to_end):
+        say(line)
     result.ratio = pipeline_ratio(
         result.end_to_end.tiles_per_second,
         result.reader_only.tiles_per_second,
@@ -998,7 +1037,9 @@ def run(args: argparse.Namespace, work_dir: Path) -> BenchmarkResult:
     if not args.train_only:
         result.slide = benchmark_slide(args, work_dir)
         say(slide_line(result.slide))
-        predictor = Predictor(bundle, device=args.device, compile=args.compile)
+        predictor = Predictor(
+            bundle, device=args.device, compile=args.compile, precision=args.precision
+        )
         benchmark_stages(result, predictor, model_path, work_dir)
         if args.scale_test:
             benchmark_scale(result, model_path, work_dir)

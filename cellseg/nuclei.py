@@ -57,24 +57,6 @@ class OwnedNucleus:
     mean_probability: float
 
 
-def probabilities_from_store(nucleus_u8: np.ndarray, interior_u8: np.ndarray | None) -> np.ndarray:
-    """Rebuild ``C×h×w`` float32 class probabilities from the uint8 maps kept on disk.
-
-    Args:
-        nucleus_u8: ``h×w`` uint8 nucleus probability ``(1 - p0)·255``.
-        interior_u8: ``h×w`` uint8 interior probability ``p1·255`` (three-class models), or
-            None for two-class models.
-
-    Returns:
-        ``[1 - n, i, n - i]`` (three classes) or ``[1 - n, n]`` (two), with ``n``, ``i`` in [0, 1].
-    """
-    nucleus = nucleus_u8.astype(np.float32) / 255.0
-    if interior_u8 is None:
-        return np.stack([1.0 - nucleus, nucleus])
-    interior = np.minimum(interior_u8.astype(np.float32) / 255.0, nucleus)
-    return np.stack([1.0 - nucleus, interior, nucleus - interior])
-
-
 def owned_nuclei(
     labels: np.ndarray,
     nucleus_prob: np.ndarray,
@@ -221,24 +203,26 @@ class RegionJob:
 
 
 def extract_region(
-    nucleus_u8: np.ndarray,
-    interior_u8: np.ndarray | None,
+    probs: np.ndarray,
     job: RegionJob,
     rgb: np.ndarray | None = None,
 ) -> RegionNuclei:
     """Watershed of a region's window, seam ownership, outlines and measurements.
 
     This is the CPU-heavy part of post-processing; it is a pure function of its arguments so
-    that it can run in worker processes while results are committed in region order.
+    that it can run in worker processes while results are committed in region order. The
+    probabilities are the blended float32 ones (:meth:`cellseg.store.PredictionStore.read_float`),
+    never the uint8 viewing copy, and the watershed breaks ties by canvas position
+    (:func:`cellseg.instances.label_instances`), so a nucleus seen whole by two windows gets the
+    same pixels in both whatever the block size (issue 11).
 
     Args:
-        nucleus_u8, interior_u8: the window's stored probabilities (see
-            :func:`probabilities_from_store`).
-        job: geometry and parameters.
+        probs: ``C×h×w`` float32 probabilities of the window.
+        job: geometry and parameters; ``job.core`` is the region's core already clipped to
+            the ROI (nuclei whose centroid lies outside it are not kept).
         rgb: the window's ``h×w×3`` uint8 slide pixels at the model's resolution, for the
             stain measurements (:mod:`cellseg.measurements`); None: shape measurements only.
     """
-    probs = probabilities_from_store(nucleus_u8, interior_u8)
     labels = label_instances(probs, job.model_mpp, job.params)
     nucleus_prob = 1.0 - probs[0]
     owned, dropped = owned_nuclei(labels, nucleus_prob, job.window, job.core, job.canvas_hw)

@@ -1,4 +1,4 @@
-"""The concurrent stages of whole-slide prediction, fed with a :class:`SlidePlan`.
+"""The concurrent stages of whole-slide prediction, fed with a :class:`~cellseg.planning.SlidePlan`.
 
 Three stages connected by bounded queues, so that reading, the model and post-processing
 overlap (issue 5; PEERS.md §3 and §5: GPUs starve when these run in series) and none of them
@@ -34,20 +34,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from .geojson import GeoJSONWriter
-from .instances import PostProcess
 from .journal import Journal, NucleusRecord
 from .nuclei import LABEL_KEY, RegionJob, RegionNuclei, extract_region
+from .planning import SlidePlan, TilePredictor
 from .readahead import ReadRequest, RegionReader, SlideSource
-from .rejection import Rejection
 from .stitch import Stitcher
 from .store import PredictionStore
-from .tiling import Canvas, TileLayout
+from .tiling import Box, TileLayout
 from .workers import start_pool
 
 log = logging.getLogger(__name__)
@@ -55,70 +53,9 @@ log = logging.getLogger(__name__)
 QUEUE_MESSAGES = 8  # tile batches and block completions waiting for post-processing, at most
 
 
-class TilePredictor(Protocol):
-    """What the pipeline needs from a model (``cellseg.inference.Predictor`` or a test oracle).
-
-    ``predictor(tiles)`` maps ``N×tile_px×tile_px×3`` uint8 RGB tiles to ``N×C×tile_px×tile_px``
-    float32 softmax probabilities (channel 0 background).
-    """
-
-    mpp: float
-    tile_px: int
-    num_classes: int
-
-    def __call__(self, tiles: np.ndarray) -> np.ndarray: ...
-
-
 def default_workers() -> int:
     """Reader processes: half the CPU cores (the model and post-processing need the rest), 1-4."""
     return max(1, min(4, (os.cpu_count() or 2) // 2))
-
-
-@dataclass
-class SlidePlan:
-    """Everything decided about a slide before any tile is run (see ``predict.plan_slide``)."""
-
-    slide_path: Path
-    slide_mpp: float
-    mpp_source: str
-    backend: str
-    dimensions_xy: tuple[int, int]
-    bounds_xy: tuple[int, int, int, int]
-    area_xywh: tuple[int, int, int, int]
-    model_mpp: float
-    canvas: Canvas
-    layout: TileLayout
-    tile_mask: np.ndarray  # n_tiles_y × n_tiles_x bool
-    tissue_area_mm2: float | None
-    num_classes: int
-    postprocess: PostProcess
-    model_name: str
-    model_sha256: str | None
-    tta: bool = False  # the predictor averages the 8 D4 views of each tile
-    precision: str = "fp32"  # the predictor's resolved precision (cellseg.precision)
-    slide_sha256: str | None = None  # content hash: seeds the GeoJSON feature ids
-    cell_expansion_px: int = 0  # > 0: cells grown from the nuclei (--object-type cell)
-    rejection: Rejection | None = None  # the model's learned rejection (cellseg.rejection)
-
-    @property
-    def block_tile_counts(self) -> np.ndarray:
-        """``n_blocks_y×n_blocks_x`` number of tissue tiles per block."""
-        k = self.layout.tiles_per_block
-        ny, nx = self.layout.n_blocks_yx
-        padded = np.zeros((ny * k, nx * k), dtype=np.int64)
-        padded[: self.tile_mask.shape[0], : self.tile_mask.shape[1]] = self.tile_mask
-        return padded.reshape(ny, k, nx, k).sum(axis=(1, 3))
-
-    @property
-    def qupath_offset_xy(self) -> tuple[float, float]:
-        """Subtract from scaled canvas coordinates to get QuPath level-0 coordinates."""
-        return (
-            self.bounds_xy[0] - self.canvas.origin_xy[0],
-            self.bounds_xy[1] - self.canvas.origin_xy[1],
-        )
-
-    def processed_area_mm2(self) -> float:
-        return self.area_xywh[2] * self.area_xywh[3] * (self.slide_mpp / 1000.0) ** 2
 
 
 @dataclass
@@ -212,7 +149,11 @@ class _PostProcessor:
         self.region_blocks = [plan.layout.region_blocks(*r) for r in self.regions]
         self.next_region = journal.regions_done  # next region to submit
         counts = plan.block_tile_counts
-        self.region_has_tiles = [any(counts[b] > 0 for b in deps) for deps in self.region_blocks]
+        # Regions with nothing to label: glass only, or outside the ROI (the canvas margin).
+        self.region_has_tiles = [
+            any(counts[b] > 0 for b in deps) and _non_empty(plan.region_owned_box(region))
+            for region, deps in zip(self.regions, self.region_blocks, strict=True)
+        ]
         self.pool = _label_pool(label_workers)
         self.max_in_flight = 2 * label_workers
         self.in_flight: deque[tuple[tuple[int, int], Future | RegionNuclei | None]] = deque()
@@ -280,7 +221,7 @@ class _PostProcessor:
         window = layout.region_window(*region)
         job = RegionJob(
             window=window,
-            core=layout.region_core(*region),
+            core=plan.region_owned_box(region),
             canvas_hw=(layout.height_px, layout.width_px),
             model_mpp=plan.model_mpp,
             params=plan.postprocess,
@@ -291,11 +232,11 @@ class _PostProcessor:
             cell_expansion_px=plan.cell_expansion_px,
             rejection=plan.rejection,
         )
-        nucleus_u8, interior_u8 = self.store.read_probabilities(window)
+        probs = self.store.read_float(window)  # lossless: never the uint8 viewing copy
         rgb = self.store.read_pixels(window)
         if self.pool is None:
-            return extract_region(nucleus_u8, interior_u8, job, rgb)
-        return self.pool.submit(extract_region, nucleus_u8, interior_u8, job, rgb)
+            return extract_region(probs, job, rgb)
+        return self.pool.submit(extract_region, probs, job, rgb)
 
     def _commit_next(self) -> None:
         """Gives the oldest region's nuclei their ids and writes them everywhere, in order."""
@@ -346,6 +287,10 @@ def feature_key(record: NucleusRecord) -> str:
 def write_feature(writer: GeoJSONWriter, record: NucleusRecord) -> None:
     """Writes a committed nucleus (and its cell, if any) as one Feature."""
     writer.write(record.polygon, record.measurements, cell=record.cell, key=feature_key(record))
+
+
+def _non_empty(box: Box) -> bool:
+    return box[0] < box[1] and box[2] < box[3]
 
 
 def _is_done(pending: Any) -> bool:
@@ -620,14 +565,12 @@ def run_pipeline(
     """
     from tqdm import tqdm
 
-    from .tiling import blend_weights
-
     started = time.perf_counter()
     stats = PipelineStats()
     layout = plan.layout
     active = _active_blocks(layout, journal.regions_done)
     jobs = block_jobs(plan, active)
-    weights = blend_weights(layout.tile_px, layout.overlap_px)
+    weights = plan.blend_weights()
     post = _PostProcessor(
         plan, store, journal, writer, active, weights, settings.label_workers, on_region, stats
     )

@@ -15,9 +15,7 @@ an expected failure (unreadable slide, unknown mpp) leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import math
 import os
 import platform
 import shutil
@@ -29,13 +27,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import __version__
 from .atomic import staged_name
 from .errors import CellsegError, OutputError, SlideError
-from .geojson import OBJECT_TYPES, GeoJSONWriter, feature_namespace
-from .instances import PostProcess
+from .geojson import GeoJSONWriter, feature_namespace
 from .journal import Journal, _test_hook, remove_work_dir
 from .outputs import (
     SlideLock,
@@ -51,101 +46,43 @@ from .overlay import draw_overlay, overlay_format
 from .pipeline import (
     PipelineSettings,
     PipelineStats,
-    SlidePlan,
-    TilePredictor,
     default_label_workers,
     default_workers,
     run_pipeline,
     write_feature,
 )
+from .planning import (  # re-exported: the library's entry points live here
+    TILING_SCHEME,
+    PredictOptions,
+    SlidePlan,
+    TilePredictor,
+    model_identity,
+    plan_slide,
+    postprocess_for,
+    processing_area,
+)
 from .readahead import RegionReader, SlideSource
 from .rejection import rejection_of
 from .slide import Slide, open_slide
 from .store import PredictionStore
-from .tiling import Canvas, TileLayout, overlap_for_mpp, tiles_per_block_for, tissue_tiles
-from .tissue import tissue_area_mm2, tissue_mask
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "PredictOptions",
+    "SlideOutputs",
+    "SlidePlan",
+    "TilePredictor",
+    "plan_slide",
+    "predict_slide",
+    "processing_area",
+    "run_provenance",
+]
 
 ZARR_FORMAT_VERSION = 2  # 2: OME-NGFF 0.4 layout (Zarr v2); 1 was a flat Zarr v3 group
 # Recorded in the provenance: outputs of an older layout (flat Zarr v3, ``Area µm^2``
 # measurements, random feature ids) are not "the same run", so they are not skipped.
 OUTPUT_FORMAT = ZARR_FORMAT_VERSION
-
-
-@dataclass
-class PredictOptions:
-    """How a slide is predicted (the outputs are :class:`SlideOutputs`).
-
-    Attributes:
-        backend: slide reader, ``"openslide"`` or ``"tiffslide"`` (plain images fall back to a
-            whole-image reader).
-        mpp: level-0 µm per pixel overriding the slide's metadata.
-        roi_xywh: restrict the work to this rectangle, in level-0 pixels as QuPath shows the
-            slide (i.e. relative to OpenSlide's bounds origin, the frame of the GeoJSON).
-        tissue_mask: skip tiles without tissue on a thumbnail's tissue mask.
-        tissue_mpp: resolution of that thumbnail.
-        batch_size: tiles per model call.
-        workers: reader processes (0: a reader thread); None: :func:`default_workers`.
-        label_workers: processes for instance extraction and polygons (0: the post-processing
-            thread does it); None: :func:`default_label_workers`.
-        overlap_px: tile overlap at the model's mpp; None: 16 µm (:func:`overlap_for_mpp`).
-        region_px: side of a read block / labelling region at the model's mpp, rounded to whole
-            tile strides (1024: 960 px for 224 px tiles overlapping by 32 px). About 1000 px
-            keeps the labelling windows, block images and blending sums small, so memory stays
-            low while labelling runs beside the model; larger blocks mean fewer reads but more
-            memory.
-        halo_um: context around a region for instance extraction (> 2 nucleus diameters).
-        object_type: GeoJSON ``objectType``: detection, cell or annotation.
-        cell_expansion_um: with ``object_type="cell"``, how far each cell grows from its nucleus
-            (QuPath's "cell expansion", whose default is 5 µm); 0: the cell is the nucleus.
-        postprocess: watershed parameters; None: the model's own (``meta["postprocess"]``).
-        overwrite: replace existing outputs (otherwise they are an error).
-        chunk_px: Zarr chunk side; None: the block size, so that each block's probabilities are
-            written as whole chunks (several times faster than chunks across blocks).
-        overlay_max_px: long side of the ``--overlay`` picture.
-        model_name, model_sha256: recorded in the outputs; None: taken from the predictor's
-            bundle when it has one.
-    """
-
-    backend: str = "openslide"
-    mpp: float | None = None
-    roi_xywh: tuple[int, int, int, int] | None = None
-    tissue_mask: bool = True
-    tissue_mpp: float = 8.0
-    batch_size: int = 16
-    workers: int | None = None
-    label_workers: int | None = None
-    overlap_px: int | None = None
-    region_px: int = 1024
-    halo_um: float = 32.0
-    object_type: str = "detection"
-    cell_expansion_um: float = 0.0
-    postprocess: PostProcess | None = None
-    overwrite: bool = False
-    chunk_px: int | None = None
-    overlay_max_px: int = 2048
-    model_name: str | None = None
-    model_sha256: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.object_type not in OBJECT_TYPES:
-            raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {self.object_type!r}")
-        if self.cell_expansion_um < 0 or not math.isfinite(self.cell_expansion_um):
-            raise ValueError(f"cell_expansion_um must be >= 0, got {self.cell_expansion_um}")
-        if self.cell_expansion_um > 0 and self.object_type != "cell":
-            raise ValueError("cell_expansion_um needs object_type='cell'")
-        if self.cell_expansion_um > self.halo_um / 2:
-            raise ValueError(
-                f"cell_expansion_um must be at most half the halo ({self.halo_um / 2:g} µm), "
-                f"got {self.cell_expansion_um:g}"
-            )
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.chunk_px is not None and self.chunk_px < 1:
-            raise ValueError(f"chunk_px must be >= 1, got {self.chunk_px}")
-        if self.roi_xywh is not None and (self.roi_xywh[2] <= 0 or self.roi_xywh[3] <= 0):
-            raise ValueError(f"roi width and height must be > 0, got {self.roi_xywh}")
 
 
 @dataclass(frozen=True)
@@ -234,54 +171,6 @@ class SlideOutputs:
 # ------------------------------------------------------------------------------------- planning
 
 
-def processing_area(
-    slide: Slide, roi_xywh: tuple[int, int, int, int] | None
-) -> tuple[int, int, int, int]:
-    """Level-0 ``(x, y, w, h)`` to process: the ROI (given in QuPath's frame) or the bounds."""
-    bx, by, bw, bh = slide.bounds_xy
-    if roi_xywh is None:
-        return (bx, by, bw, bh)
-    x, y, w, h = roi_xywh
-    width, height = slide.dimensions_xy
-    x0, y0 = max(bx + x, 0), max(by + y, 0)
-    x1, y1 = min(bx + x + w, width), min(by + y + h, height)
-    if x1 <= x0 or y1 <= y0:
-        raise SlideError(
-            f"{slide.path}: --roi {x},{y},{w},{h} lies outside the slide ({bw}x{bh} px)"
-        )
-    return (x0, y0, x1 - x0, y1 - y0)
-
-
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key]
-
-
-def _model_identity(predictor: TilePredictor, options: PredictOptions) -> tuple[str, str | None]:
-    bundle = getattr(predictor, "bundle", None)
-    path = getattr(bundle, "path", None)
-    name = options.model_name or getattr(bundle, "name", None) or type(predictor).__name__
-    sha = options.model_sha256 or (_file_sha256(Path(path)) if path else None)
-    return name, sha
-
-
-def _postprocess_for(predictor: TilePredictor, options: PredictOptions) -> PostProcess:
-    if options.postprocess is not None:
-        return options.postprocess
-    meta = getattr(getattr(predictor, "bundle", None), "meta", None) or {}
-    return PostProcess.from_dict(meta.get("postprocess", {}))
-
-
 def _model_rejection_entry(predictor: TilePredictor) -> dict[str, Any]:
     rejection = rejection_of(getattr(getattr(predictor, "bundle", None), "meta", None))
     return {} if rejection is None else {"rejection": rejection.to_dict()}
@@ -291,76 +180,6 @@ def _rejection_entry(plan: SlidePlan) -> dict[str, Any]:
     """``{"rejection": ...}`` for provenance when the model has a learned rejection, else
     nothing (so results of models without one are described exactly as before)."""
     return {} if plan.rejection is None else {"rejection": plan.rejection.to_dict()}
-
-
-MIN_THUMBNAIL_PX = 16  # thumbnail side below which the tissue mask is made at a finer mpp
-
-
-def _tissue_resolution(slide: Slide, tissue_mpp: float) -> tuple[float, int]:
-    """``(mpp, min_object_px)`` of the tissue mask: ``tissue_mpp`` and 64 px, except for images
-    so small (under ``MIN_THUMBNAIL_PX`` thumbnail pixels a side, e.g. a 50 px tile) that every
-    tissue object would be dropped as dust; those get a finer thumbnail and a smaller minimum."""
-    short_side_um = min(slide.dimensions_xy) * slide.mpp
-    if short_side_um / tissue_mpp >= MIN_THUMBNAIL_PX:
-        return tissue_mpp, 64
-    return max(slide.mpp, short_side_um / MIN_THUMBNAIL_PX), 4
-
-
-def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) -> SlidePlan:
-    """Canvas, tile grid and tissue tiles of an open slide (reads only a thumbnail)."""
-    model_mpp = float(predictor.mpp)
-    area = processing_area(slide, options.roi_xywh)
-    canvas = Canvas.from_area(area, slide.mpp, model_mpp)
-    tile_px = int(predictor.tile_px)
-    overlap = (
-        options.overlap_px
-        if options.overlap_px is not None
-        else overlap_for_mpp(model_mpp, tile_px)
-    )
-    per_block = tiles_per_block_for(options.region_px, tile_px, overlap)
-    block_px = per_block * (tile_px - overlap)
-    halo = min(math.ceil(options.halo_um / model_mpp), block_px - overlap)
-    layout = TileLayout(canvas.height_px, canvas.width_px, tile_px, overlap, per_block, halo)
-    tissue_area = None
-    if options.tissue_mask:
-        tissue_mpp, min_object_px = _tissue_resolution(slide, options.tissue_mpp)
-        thumbnail = slide.thumbnail(tissue_mpp)
-        mask = tissue_mask(thumbnail, min_object_px=min_object_px)
-        mask_scale = tissue_mpp / slide.mpp
-        tile_mask = tissue_tiles(mask, (mask_scale, mask_scale), canvas, layout)
-        x, y, w, h = area
-        crop = mask[
-            math.floor(y / mask_scale) : math.ceil((y + h) / mask_scale),
-            math.floor(x / mask_scale) : math.ceil((x + w) / mask_scale),
-        ]
-        tissue_area = tissue_area_mm2(crop, tissue_mpp)
-    else:
-        tile_mask = np.ones(layout.n_tiles_yx, dtype=bool)
-    name, sha = _model_identity(predictor, options)
-    cell_px = round(options.cell_expansion_um / model_mpp) if options.object_type == "cell" else 0
-    return SlidePlan(
-        slide_path=Path(slide.path),
-        slide_mpp=slide.mpp,
-        mpp_source=slide.mpp_source,
-        backend=slide.backend,
-        dimensions_xy=tuple(slide.dimensions_xy),
-        bounds_xy=tuple(slide.bounds_xy),
-        area_xywh=tuple(area),
-        model_mpp=model_mpp,
-        canvas=canvas,
-        layout=layout,
-        tile_mask=tile_mask,
-        tissue_area_mm2=tissue_area,
-        num_classes=int(predictor.num_classes),
-        postprocess=_postprocess_for(predictor, options),
-        model_name=name,
-        model_sha256=sha,
-        tta=bool(getattr(predictor, "tta", False)),
-        precision=str(getattr(predictor, "precision", "fp32")),
-        slide_sha256=_file_sha256(Path(slide.path)) if Path(slide.path).is_file() else None,
-        cell_expansion_px=cell_px,
-        rejection=rejection_of(getattr(getattr(predictor, "bundle", None), "meta", None)),
-    )
 
 
 def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs) -> dict:
@@ -380,6 +199,7 @@ def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs
         "layout": asdict(plan.layout),
         # Region geometry: a journal of an older version with other region cores must not resume.
         "regions": "block cores shifted up and left by halo_px",
+        "tiling": [TILING_SCHEME, plan.blending, list(plan.grid_offset_xy), plan.owned_box],
         "tissue": [options.tissue_mask, options.tissue_mpp],
         "postprocess": plan.postprocess.to_dict(),
         **_rejection_entry(plan),
@@ -389,9 +209,16 @@ def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs
     }
 
 
+BLENDING_NAMES = {
+    "centre": "centre-weighted mean (cellseg.tiling.centre_weights)",
+    "linear": "taper-weighted mean (cellseg.tiling.blend_weights)",
+}
+
+
 def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
     """Attributes of the output group: geometry, model, tiling and versions."""
     layout = plan.layout
+    y0, _, x0, _ = plan.output_box  # the image covers the processed area (the ROI), not the tiles
     return {
         "cellseg_zarr_format": ZARR_FORMAT_VERSION,
         "cellseg_version": __version__,
@@ -401,7 +228,7 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
         "slide_mpp": plan.slide_mpp,
         "mpp_source": plan.mpp_source,
         "scale_to_level0": plan.canvas.scale,
-        "origin_xy_level0": list(plan.canvas.origin_xy),
+        "origin_xy_level0": list(plan.canvas.level0_xy(x0, y0)),
         "bounds_xy": list(plan.bounds_xy),
         "pixel_convention": (
             "array pixel (y, x) covers level-0 [origin + x·scale, origin + (x+1)·scale) "
@@ -422,7 +249,9 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
             "stride_px": layout.stride_px,
             "region_px": layout.block_px,
             "halo_px": layout.halo_px,
-            "blending": "taper-weighted mean (cellseg.inference.blend_weights)",
+            "blending": BLENDING_NAMES[plan.blending],
+            "grid": "tiles on the slide's grid: starts at bounds origin + (offset + k·stride)",
+            "grid_offset_px": list(plan.grid_offset_xy),
             "ownership": "nucleus kept by the region containing its centroid",
         },
         "probability": "levels 0, 1, ...: nucleus probability (p_interior + p_boundary) x 255, "
@@ -560,7 +389,7 @@ def _open_store(
     if its group went missing)."""
     canvas_hw = (plan.layout.height_px, plan.layout.width_px)
     if journal.resumed:
-        store = PredictionStore.open(outputs.zarr_partial, canvas_hw)
+        store = PredictionStore.open(outputs.zarr_partial, canvas_hw, plan.output_box)
         if store is not None:
             return store
         log.warning("%s: partial Zarr missing; starting this slide afresh", outputs.zarr_partial)
@@ -572,6 +401,7 @@ def _open_store(
         with_labels=outputs.zarr is not None,
         chunk_px=options.chunk_px or plan.layout.block_px,
         attrs=zarr_attributes(plan),
+        output_box=plan.output_box,
     )
 
 
@@ -652,7 +482,7 @@ def run_provenance(
     """What a slide's outputs are made from: input file, model and every option that changes
     them (issue 12 item 6). Saved beside the outputs; a later run skips the slide only when its
     own provenance is the same (:func:`cellseg.outputs.provenance_differences`)."""
-    name, sha = _model_identity(predictor, options)
+    name, sha = model_identity(predictor, options)
     return {
         # Size and sampled content: cheap enough to check before every skip. The full SHA-256
         # that seeds the feature ids (``SlidePlan.slide_sha256``) is another hash, computed
@@ -667,8 +497,9 @@ def run_provenance(
         "object_type": options.object_type,
         "cell_expansion_um": options.cell_expansion_um,
         "precision": _precision_of(predictor, options),
-        "postprocess": _postprocess_for(predictor, options).to_dict(),
+        "postprocess": postprocess_for(predictor, options).to_dict(),
         **_model_rejection_entry(predictor),
+        "tiling": [TILING_SCHEME, options.blending, list(options.grid_offset_px)],
         "geometry": [
             options.backend,
             options.tissue_mpp,

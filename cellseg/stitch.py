@@ -1,16 +1,25 @@
 """Seam-free blending of overlapping tile probabilities, streamed block by block.
 
-Every canvas pixel gets ``Σ w_t·p_t / Σ w_t`` over the tiles ``t`` that cover it, with the taper
-weights of :func:`cellseg.inference.blend_weights` (Cellpose's ``average_tiles`` idea, PEERS.md
-§2B): no seams, and a pixel seen by one tile keeps that tile's value. Tiles that were not run
-(glass) simply do not contribute; a pixel no tile covered is background.
+Every canvas pixel gets ``Σ w_t·p_t / Σ w_t`` over the tiles ``t`` that cover it, with the
+plan's blending weights (:func:`cellseg.tiling.blend_weights` or
+:func:`cellseg.tiling.centre_weights`; Cellpose's ``average_tiles`` idea, PEERS.md §2B): no
+seams, and a pixel seen by one tile keeps that tile's value. Tiles that were not run (glass)
+simply do not contribute; a pixel no tile covered is background.
+
+The sums are float64: each ``w·p`` of two float32 numbers is exact in float64, and the at most
+four terms of a pixel are added in an order that depends on how tiles fall into blocks. In
+float64 the grouping changes the sum by about 1e-16 relative, which the final float32 rounding
+absorbs (it shows only when the float64 sum lies within that of a float32 rounding boundary,
+about one pixel in 10⁸), so the probabilities do not depend on the block size or on where an
+ROI starts: the post-processing sees the same float32 values (issue 11).
 
 The canvas is cut into *cells* (:meth:`cellseg.tiling.TileLayout.segments`): a cell inside one
 block's core depends on that block alone and is final as soon as the block is; a cell in the
 ``overlap_px`` band between blocks waits for its 2 (or 4) blocks. Only the pending bands are kept
 in memory, never a whole-slide array: the band below the current block row (a strip
-``overlap_px`` tall across the canvas: ``(C + 1)·overlap_px·4`` bytes per canvas pixel of width,
-512 B at the defaults, 25 MB for a canvas 50 000 px wide) and the band right of the current block.
+``overlap_px`` tall across the canvas: ``(C + 1)·overlap_px·8`` bytes per canvas pixel of width,
+1 KiB at 32 px overlap in float64, 50 MB for a canvas 50 000 px wide) and the band right of the
+current block.
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ class Stitcher:
     Args:
         layout: canvas, tile and block geometry.
         num_classes: ``C``, channels of the probabilities.
-        weights: ``tile_px×tile_px`` float32 taper weights, > 0.
+        weights: ``tile_px×tile_px`` float32 blending weights, > 0.
         active: ``n_blocks_y×n_blocks_x`` bool, the blocks this run will finish; cells that also
             depend on an inactive block are never emitted (on resume they were written before).
             ``None``: all blocks.
@@ -82,7 +91,7 @@ class Stitcher:
             raise ValueError(f"weights must be {layout.tile_px}² and > 0, got {weights.shape}")
         self.layout = layout
         self.num_classes = num_classes
-        self.weights = weights.astype(np.float32, copy=False)
+        self.weights = weights.astype(np.float32).astype(np.float64)
         shape = layout.n_blocks_yx
         self.active = np.ones(shape, dtype=bool) if active is None else np.asarray(active, bool)
         self._segments = (layout.segments(0), layout.segments(1))
@@ -107,8 +116,8 @@ class Stitcher:
         fy0, fy1, fx0, fx1 = self.layout.block_footprint(*block_yx)
         if acc is None or acc.num is None:
             acc = _Sum(
-                np.zeros((self.num_classes, fy1 - fy0, fx1 - fx0), np.float32),
-                np.zeros((fy1 - fy0, fx1 - fx0), np.float32),
+                np.zeros((self.num_classes, fy1 - fy0, fx1 - fx0), np.float64),
+                np.zeros((fy1 - fy0, fx1 - fx0), np.float64),
             )
             self._blocks[block_yx] = acc
         s, t = self.layout.stride_px, self.layout.tile_px
@@ -153,9 +162,9 @@ class Stitcher:
 
     def _normalise(self, total: _Sum, box: Box) -> np.ndarray:
         h, w = box[1] - box[0], box[3] - box[2]
-        out = np.zeros((self.num_classes, h, w), np.float32)
+        out = np.zeros((self.num_classes, h, w), np.float64)
         out[0] = 1.0  # pixels that no tile covered are background
         if total.num is not None:
             covered = total.den > 0
             np.divide(total.num, total.den, out=out, where=covered[None])
-        return out
+        return out.astype(np.float32)

@@ -3,6 +3,10 @@
 Three nested grids live on one *canvas*, the raster of the processed slide area resampled to the
 model's mpp (array axis order y, x; all sizes in canvas pixels):
 
+The canvas is cut from the slide's global tile grid (:class:`TileGrid`, :meth:`Canvas.on_grid`):
+its pixel 0 is a tile start of that grid, so a whole-slide run, an ROI and a resumed run run the
+same tiles over the same pixels (issue 11).
+
 * **tiles** (``tile_px``, 224) are what the network sees. Tile ``(ty, tx)`` covers
   ``[ty·S, ty·S + tile_px) × [tx·S, tx·S + tile_px)`` with stride ``S = tile_px - overlap_px``,
   so neighbouring tiles share ``overlap_px`` pixels that are blended with taper weights.
@@ -74,9 +78,86 @@ class Canvas:
         height = max(1, math.ceil(round(h / scale, 6)))
         return cls((float(x), float(y)), scale, width, height)
 
+    @classmethod
+    def on_grid(
+        cls,
+        area_xywh: tuple[int, int, int, int],
+        bounds_xywh: tuple[int, int, int, int],
+        slide_mpp: float,
+        model_mpp: float,
+        grid: TileGrid,
+    ) -> Canvas:
+        """The canvas of the slide-anchored tiles that cover a level-0 area (an ROI or the bounds).
+
+        The global tile grid (:class:`TileGrid`) is fixed by the slide, not by the area: tile
+        ``k`` starts at canvas-independent model pixel ``offset + k·stride`` from the bounds
+        origin. The canvas starts at the first tile of that grid covering the area grown by
+        ``grid.context_px`` (so the ROI's tiles are the whole-slide tiles around it and every pixel
+        within ``context_px`` of the ROI is blended from the same tiles as in a whole-slide run),
+        never before the grid's first tile (the last start at or before the bounds origin), and
+        ends with the last such tile, clipped to the bounds. For the whole slide with offset 0
+        this is :meth:`from_area` of the bounds.
+        """
+        scale = model_mpp / slide_mpp
+        spans = [
+            grid.span(
+                (area_xywh[axis] - bounds_xywh[axis]) / scale,
+                (area_xywh[axis] + area_xywh[axis + 2] - bounds_xywh[axis]) / scale,
+                math.ceil(round(bounds_xywh[axis + 2] / scale, 6)),
+                axis,
+            )
+            for axis in (0, 1)
+        ]
+        (x0, x1), (y0, y1) = spans
+        origin = (bounds_xywh[0] + x0 * scale, bounds_xywh[1] + y0 * scale)
+        return cls(origin, scale, max(1, x1 - x0), max(1, y1 - y0))
+
     def level0_xy(self, x_px: float, y_px: float) -> tuple[float, float]:
         """Level-0 coordinates of canvas point ``(x_px, y_px)``."""
         return (self.origin_xy[0] + x_px * self.scale, self.origin_xy[1] + y_px * self.scale)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The slide's global tile grid at the model's mpp (issue 11: tiling that does not move the
+    answer). Tile starts along x are ``offset_xy[0] + k·stride_px`` model pixels from the slide's
+    bounds origin (likewise y), for ``k`` from the last start at or before the origin on; every
+    run of a slide (whole slide, ROI, resumed) cuts its tiles from this grid.
+
+    Attributes:
+        tile_px, stride_px: tile side and stride (``tile_px - overlap_px``).
+        offset_xy: grid shift in model pixels, ``0 <= offset < stride_px`` (a test hook:
+            translation consistency is measured by shifting it by half a stride).
+        context_px: an ROI's canvas covers the tiles of the ROI grown by this much (the
+            labelling halo), so that its nuclei are the whole-slide ones.
+    """
+
+    tile_px: int
+    stride_px: int
+    offset_xy: tuple[int, int] = (0, 0)
+    context_px: int = 0
+
+    def __post_init__(self) -> None:
+        if not all(0 <= v < self.stride_px for v in self.offset_xy):
+            raise ValueError(
+                f"grid offset must be in [0, {self.stride_px}) px, got {self.offset_xy}"
+            )
+
+    def span(self, start_px: float, end_px: float, length_px: int, axis: int) -> tuple[int, int]:
+        """Canvas span ``[a, b)`` along an axis, in model pixels from the bounds origin, for an
+        area ``[start_px, end_px)`` of a slide ``length_px`` long (``axis``: 0 for x, 1 for y).
+        ``a`` is a tile start of the grid; ``b`` the end of the last covering tile, clipped."""
+        offset, s, t = self.offset_xy[axis], self.stride_px, self.tile_px
+        first = math.floor(-offset / s)  # the grid's first tile: at or before the origin
+        lo = max(0.0, start_px - self.context_px)
+        hi = min(float(length_px), end_px + self.context_px)
+        # First tile whose end passes lo, last tile whose start is before hi.
+        k0 = max(first, math.floor((lo - offset - t) / s) + 1)
+        k1 = max(k0, math.ceil((hi - offset) / s) - 1)
+        # The layout then runs the fewest tiles from the start that reach the end: on the slide's
+        # last stretch, the same tiles as a whole-slide run.
+        end = min(offset + k1 * s + t, length_px)
+        return offset + k0 * s, max(end, offset + k0 * s + 1)
 
 
 @dataclass(frozen=True)
@@ -280,6 +361,24 @@ def blend_weights(tile_px: int, overlap_px: int) -> np.ndarray:
         ramp[:overlap_px] = edge
         ramp[-overlap_px:] = np.minimum(ramp[-overlap_px:], edge[::-1])
     return np.outer(ramp, ramp)
+
+
+def centre_weights(tile_px: int, overlap_px: int) -> np.ndarray:
+    """Centre-weighted blending: ``tile_px×tile_px`` float32 weights, separable, in (0, 1].
+
+    Along each axis the weight rises as ``sin²(π/2 · (i + ½) / overlap_px)`` over the outer
+    ``overlap_px`` pixels and is 1 inside. Two tiles overlapping by ``overlap_px`` cross-fade
+    with weights that add up to 1 (``sin² + cos²``), like :func:`blend_weights`, but the pixels
+    at a tile's border, where the network lacks context, barely count: the weight there is
+    ``sin²(π / (4·overlap_px))`` (1.5e-4 at 64 px) instead of ``1 / (overlap_px + 1)``. Weights
+    stay > 0, so a pixel covered by one tile only (the canvas edge) keeps its prediction.
+    """
+    ramp = np.ones(tile_px, dtype=np.float64)
+    if overlap_px > 0:
+        edge = np.sin(np.pi / 2 * (np.arange(overlap_px) + 0.5) / overlap_px) ** 2
+        ramp[:overlap_px] = edge
+        ramp[-overlap_px:] = np.minimum(ramp[-overlap_px:], edge[::-1])
+    return np.outer(ramp, ramp).astype(np.float32)
 
 
 def tile_origins(length_px: int, tile_px: int, stride_px: int) -> list[int]:

@@ -28,6 +28,26 @@ OBJECT_TYPES = ("detection", "cell", "annotation")  # cellseg.geojson.OBJECT_TYP
 GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")  # what QuPath imports
 
 
+class OffsetType(click.ParamType):
+    """``X,Y``: two integers >= 0 (pixels at the model's mpp)."""
+
+    name = "X,Y"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            x, y = (int(p) for p in str(value).replace(" ", "").split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not two integers X,Y", param, ctx)
+        if x < 0 or y < 0:
+            self.fail(f"{value!r}: offsets must be >= 0", param, ctx)
+        return (x, y)
+
+
+MIN_BLOCK_PX, MAX_BLOCK_PX = 256, 16384  # below: too small for halo + overlap; above: memory
+
+
 class RoiType(click.ParamType):
     """``X,Y,W,H`` in level-0 pixels (integers, W and H > 0)."""
 
@@ -334,6 +354,21 @@ def _interrupted(scheduler, current) -> None:
     "--no-tissue-mask", is_flag=True, help="Run every tile of the slide (or ROI), glass included."
 )
 @click.option(
+    "--block-px",
+    type=click.IntRange(min=MIN_BLOCK_PX, max=MAX_BLOCK_PX),
+    default=1024,
+    show_default=True,
+    help="Side of a read block and post-processing region at the model's mpp (rounded to whole "
+    "tile strides). Memory and speed only: the nuclei are the same for every value.",
+)
+@click.option(
+    "--grid-offset-px",
+    type=OffsetType(),
+    default=None,
+    hidden=True,
+    help="Test hook: shift the slide's tile grid by X,Y model pixels (each below the stride).",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     default=16,
@@ -396,6 +431,8 @@ def predict_command(
     mpp,
     roi,
     no_tissue_mask,
+    block_px,
+    grid_offset_px,
     batch_size,
     workers,
     label_workers,
@@ -441,6 +478,8 @@ def predict_command(
         mpp=mpp,
         roi_xywh=roi,
         tissue_mask=not no_tissue_mask,
+        region_px=block_px,
+        grid_offset_px=grid_offset_px or (0, 0),
         batch_size=batch_size,
         workers=workers,
         label_workers=label_workers,

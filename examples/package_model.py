@@ -29,26 +29,44 @@ def load_split(folder: Path, ids: set[str] | None = None):
     return [load_sample(f) for f in files if ids is None or f.image_id in ids]
 
 
+def domain_roots(args) -> dict[str, Path]:
+    """The datasets the model is packaged for: MoNuSeg always, CoNSeP when given."""
+    roots = {"monuseg": args.data}
+    if args.consep is not None:
+        roots["consep"] = args.consep
+    return roots
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="run folder of `cellseg train`")
     parser.add_argument("--data", type=Path, required=True, help="MoNuSeg root (train/, test/)")
+    parser.add_argument("--consep", type=Path, default=None, help="CoNSeP root (train/, test/)")
     parser.add_argument("--out", type=Path, default=Path("cellseg/weights/default.safetensors"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-tune", action="store_true", help="keep the run's post-processing")
+    parser.add_argument("--model", type=Path, default=None, help="default: RUN/best.safetensors")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    bundle = load_bundle(args.run / "best.safetensors")
-    val_ids = set(read_ids(find_ids_file(args.data / "train") or args.data / "val_ids.txt"))
+    bundle = load_bundle(args.model or args.run / "best.safetensors")
+    # The validation tiles the run itself held out (every domain), recorded in its meta.
+    val_ids = set(bundle.meta.get("val_ids") or [])
+    if not val_ids:
+        val_ids = set(read_ids(find_ids_file(args.data / "train") or args.data / "val_ids.txt"))
     val = load_split(args.data / "train", val_ids)
-    t0 = time.perf_counter()
-    # On predict's own path (as `cellseg evaluate --protocol native` scores), in fp32.
-    predictor = Predictor(bundle, device="cpu", precision="fp32")
-    post, grid = tune_postprocess(predictor, val, postprocess_of(bundle))
-    print(
-        f"tuned post-processing on {len(val)} validation tiles: {post} "
-        f"({time.perf_counter() - t0:.0f} s)"
-    )
+    post = postprocess_of(bundle)
+    grid = bundle.meta.get("postprocess_tuning")
+    if not args.no_tune:
+        t0 = time.perf_counter()
+        # On predict's own path (as `cellseg evaluate --protocol native` scores), in fp32, on
+        # the MoNuSeg validation tiles (CoNSeP's are checked with the result below).
+        predictor = Predictor(bundle, device="cpu", precision="fp32")
+        post, grid = tune_postprocess(predictor, val, postprocess_of(bundle))
+        print(
+            f"tuned post-processing on {len(val)} validation tiles: {post} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
     meta = {
         **bundle.meta,
         "name": "cellseg-default",
@@ -59,13 +77,23 @@ def main() -> None:
     save_bundle(args.out, bundle.model, bundle.config, meta, half=True)
     shipped = load_bundle(args.out)
 
-    test = load_split(args.data / "test")
-    t0 = time.perf_counter()
-    result = evaluate(shipped, test, protocol="native")
-    seconds = time.perf_counter() - t0
-    result_path = args.out.with_name(args.out.stem + ".test-native.json")
-    result_path.write_text(json.dumps(result, indent=2))
-    card = model_card(shipped, args.out, training_stages(args.run), result, seconds, post)
+    results, seconds = {}, {}
+    for name, root in domain_roots(args).items():
+        for split, samples in (
+            ("val", load_split(root / "train", val_ids)),
+            ("test", load_split(root / "test")),
+        ):
+            t0 = time.perf_counter()
+            results[name, split] = evaluate(shipped, samples, protocol="native")
+            seconds[name, split] = time.perf_counter() - t0
+            summary = results[name, split]["summary"]
+            print(f"{name} {split}: " + ", ".join(f"{k} {summary[k]['mean']:.4f}" for k in summary))
+    for (name, split), result in results.items():
+        if split == "test":
+            suffix = "" if name == "monuseg" else f"-{name}"
+            path = args.out.with_name(f"{args.out.stem}.test-native{suffix}.json")
+            path.write_text(json.dumps(result, indent=2))
+    card = model_card(shipped, args.out, training_stages(args.run), results, seconds, post)
     args.out.with_name("MODEL_CARD.md").write_text(card)
     print(card)
 
@@ -88,21 +116,30 @@ def training_stages(run: Path) -> list[dict]:
 def train_command(stage: dict) -> str:
     """The ``cellseg train`` command line that produced a stage."""
     opts = stage["options"]["options"]
+    data = opts["data"] if isinstance(opts["data"], list) else [opts["data"]]
     flags = [
-        f"--data {opts['data']} --preset {opts['preset']} --epochs {opts['epochs']}",
+        " ".join(f"--data {d}" for d in data) + f" --preset {opts['preset']}",
+        f"--epochs {opts['epochs']}",
         f"--lr {opts['lr']:g} --seed {opts['seed']} --threads {opts['threads'] or 1}",
     ]
     flags += ["--no-cim"] * (not opts["use_cim"]) + ["--no-dac"] * (not opts["use_dac"])
+    flags += ["--no-stain-aug"] * (opts["preset"] == "wsi" and not opts.get("stain_aug", False))
     if opts.get("init_from"):
         flags.append(f"--init {opts['init_from']}")
     return "cellseg train " + " ".join(flags) + f" --out {opts['out']}"
 
 
-def model_card(bundle, path, stages, result, seconds, post) -> str:
-    s = result["summary"]
+DATASETS = {
+    "monuseg": "MoNuSeg 2018 (Kumar et al., IEEE TMI 2017; 40x TCGA tiles of 7 organs from many "
+    "hospitals), licence CC BY-NC-SA 4.0",
+    "consep": "CoNSeP (Graham et al., Medical Image Analysis 2019; colorectal adenocarcinoma, "
+    "UHCW, 40x), licence Apache-2.0, used as the 256x256 patch cut in ../shared/data/consep",
+}
 
-    def fmt(key: str) -> str:
-        return f"{s[key]['mean']:.4f} ± {s[key]['std']:.4f}"
+
+def model_card(bundle, path, stages, results, seconds, post) -> str:
+    def fmt(summary, key: str) -> str:
+        return f"{summary[key]['mean']:.4f} ± {summary[key]['std']:.4f}"
 
     options, log, opts = stages[-1]["options"], stages[-1]["log"], stages[-1]["options"]["options"]
     best = max((r for r in log if r.get("best")), key=lambda r: r["val_dice"], default=log[-1])
@@ -114,10 +151,24 @@ def model_card(bundle, path, stages, result, seconds, post) -> str:
     cim = "on" if opts["use_cim"] else "off"
     meta = bundle.meta
     commands = [f"  {i + 1}. `{train_command(st)}`" for i, st in enumerate(stages)]
+    domains = sorted({name for name, _ in results})
+    consep = " --consep ../shared/data/consep" if "consep" in domains else ""
     commands.append(
         f"  {len(stages) + 1}. `python examples/package_model.py {stage_run(stages[-1])} "
-        "--data ../shared/data/monuseg`"
+        f"--data ../shared/data/monuseg{consep}`"
     )
+    datasets = meta.get("datasets") or {"monuseg": {"train": len(meta["train_ids"])}}
+    data_lines = [
+        f"  - {DATASETS.get(name, name)}: {d.get('train', '?')} training images, "
+        f"{d.get('val', '?')} held out for validation"
+        for name, d in datasets.items()
+    ]
+    rows = []
+    for (name, split), result in sorted(results.items()):
+        summary = result["summary"]
+        cells = " | ".join(fmt(summary, k) for k in ("dice", "aji", "pq", "dq", "sq"))
+        n = len(result["per_image"])
+        rows.append(f"| {name} {split} | {n} | {cells} | {seconds[name, split]:.0f} s |")
     lines = [
         "# cellseg default model",
         "",
@@ -125,30 +176,34 @@ def model_card(bundle, path, stages, result, seconds, post) -> str:
         f"  ({options['params'] / 1e6:.2f} M parameters, {options['gflops_224']:.2f} GFLOPs per",
         f"  224² tile), 3 classes (background, nucleus interior, nucleus boundary), CIM {cim}.",
         f"- **Resolution**: {meta['mpp']} µm/px, 224² tiles. Weights stored as fp16 safetensors.",
-        "- **Training data**: MoNuSeg 2018 training set (Kumar et al., TMI 2017):",
-        f"  {len(meta['train_ids'])} tiles for training, {len(meta['val_ids'])} for validation",
-        "  (UCTransNet split). The data is licensed CC BY-NC-SA 4.0; these weights are derived",
-        "  from it and are offered under the same non-commercial, share-alike terms.",
+        f"- **Training precision**: {meta.get('precision', 'fp32')} (the last stage).",
+        "- **Training data** (each resampled from its own mpp to the model's; equal crops per",
+        "  domain per epoch; validation split by whole source tile):",
+        *data_lines,
+        "  The weights derive from MoNuSeg's CC BY-NC-SA 4.0 data and are offered under the same",
+        "  non-commercial, share-alike terms.",
         "- **Commands** (a later stage starts from the previous stage's best weights, `--init`:",
         "  a warm restart with a fresh optimiser and cosine schedule):",
         *commands,
         f"- **Epochs**: {epochs}; best validation Dice of the last stage",
-        f"  {best['val_dice']:.4f} at its epoch {best['epoch']}; {total_s / 60:.0f} min of",
-        "  training in all, on a 2-core CPU (no GPU).",
-        "- **Post-processing** (tuned for AJI on the validation tiles):",
+        f"  {best['val_dice']:.4f} at its epoch {best['epoch']}"
+        + (f" (per domain {best['val_dice_by_domain']})" if "val_dice_by_domain" in best else "")
+        + f"; {total_s / 60:.0f} min of training in all, on a 2-core CPU (no GPU).",
+        "- **Post-processing** (tuned for AJI on the MoNuSeg validation tiles, predict's path):",
         f"  `{json.dumps(post.to_dict())}`",
         f"- **SHA-256**: `{file_sha256(path)}`",
         "",
-        "## Test metrics (MoNuSeg 2018 test, 14 tiles, native protocol: predict's polygons; "
-        "mean ± std over tiles)",
+        "## Metrics (native protocol: the polygons `cellseg predict` writes, rasterised onto the",
+        "ground truth; mean ± std over images; precision `auto` on the packaging machine)",
         "",
-        "| Dice | IoU | AJI | PQ | DQ | SQ |",
-        "|---|---|---|---|---|---|",
-        "| " + " | ".join(fmt(k) for k in ("dice", "iou", "aji", "pq", "dq", "sq")) + " |",
+        "| set | images | Dice | AJI | PQ | DQ | SQ | time |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
         "",
-        f"Evaluated in {seconds:.0f} s with `cellseg evaluate --data ../shared/data/monuseg/test",
-        f"--protocol native` (per-image values: `{path.stem}.test-native.json`). The test set was",
-        "not used for any choice.",
+        "Command: `cellseg evaluate --data ../shared/data/monuseg/test --protocol native` (and",
+        "`--data ../shared/data/consep/test`); per-image values in "
+        f"`{path.stem}.test-native*.json`. Validation rows are the tiles the run held out; the",
+        "test sets were not used for any choice.",
     ]
     return "\n".join(lines) + "\n"
 

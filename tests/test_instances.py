@@ -328,3 +328,29 @@ def test_postprocess_from_dict_accepts_ints_and_rejects_unknown_keys():
 def test_postprocess_rejects_invalid_values(field, value):
     with pytest.raises(ValueError, match=field):
         replace(PostProcess(), **{field: value})
+
+
+def test_component_peaks_are_skimages_peak_local_max_per_component():
+    # the vectorised peak finder must give skimage's peaks, in skimage's order (marker ids)
+    from skimage.feature import peak_local_max
+
+    from cellseg.instances import component_peaks
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        h, w = rng.integers(5, 70, 2)
+        blobs = ndi.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 3))
+        mask = blobs > rng.uniform(0.45, 0.55)
+        image = ndi.gaussian_filter(ndi.distance_transform_edt(mask), rng.uniform(0, 1.5))
+        image = image.astype(np.float32)
+        if trial % 3 == 0:
+            image = np.round(image * 2) / 2  # plateaus and ties between neighbours
+        if trial % 7 == 0:
+            image = mask.astype(np.float32)  # every component flat
+        components, _ = ndi.label(mask)
+        min_distance = int(rng.integers(1, 6))
+        expected = peak_local_max(
+            image, min_distance=min_distance, labels=components, exclude_border=False
+        )
+        found = component_peaks(image, components, min_distance)
+        assert np.array_equal(found, expected), (trial, min_distance)

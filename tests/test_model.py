@@ -162,3 +162,34 @@ def test_tta_is_the_d4_average_and_rotation_equivariant(tmp_path):
     assert np.allclose(turned, np.rot90(averaged, 1, axes=(2, 3)), atol=1e-5)
     mirrored = tta(tiles[:, ::-1].copy())
     assert np.allclose(mirrored, averaged[:, :, ::-1], atol=1e-5)
+
+
+def test_tta_runs_its_views_batched_with_the_same_average(tmp_path):
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "m.safetensors", build_model(cfg), cfg, {"mpp": 0.5, "tile_px": 64})
+    batched = Predictor(
+        load_bundle(tmp_path / "m.safetensors"), device="cpu", tta=True, max_tta_batch=16
+    )
+    one_by_one = Predictor(
+        load_bundle(tmp_path / "m.safetensors"), device="cpu", tta=True, max_tta_batch=1
+    )
+    calls = []
+    batched.model.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    tiles = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    assert np.allclose(batched(tiles), one_by_one(tiles), atol=1e-5)
+    assert calls == [16]  # all 8 views of both tiles in one network call
+
+    # non-square tiles: views turned an odd number of times are W×H, so two calls
+    calls.clear()
+    wide = np.random.default_rng(4).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)
+    plain = Predictor(load_bundle(tmp_path / "m.safetensors"), device="cpu")
+    views = []
+    for turns in range(4):
+        for flip in (False, True):
+            view = np.rot90(wide, turns, axes=(1, 2))
+            probs = plain(np.ascontiguousarray(view[:, :, ::-1] if flip else view))
+            probs = probs[..., ::-1] if flip else probs
+            views.append(np.rot90(probs, -turns, axes=(2, 3)))
+    assert np.allclose(batched(wide), np.mean(views, axis=0), atol=1e-5)
+    assert calls == [4, 4]

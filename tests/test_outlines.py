@@ -70,6 +70,12 @@ def shapes_field() -> tuple[np.ndarray, list[tuple[float, float, float, float, f
     return np.round(probability * 255).astype(np.uint8), truth
 
 
+def _two_class(nucleus_u8: np.ndarray) -> np.ndarray:
+    """``2×h×w`` float32 ``[1 - n, n]`` of a uint8 nucleus probability (what the blender gives)."""
+    nucleus = nucleus_u8.astype(np.float32) / 255.0
+    return np.stack([1.0 - nucleus, nucleus])
+
+
 def _region(nucleus_u8: np.ndarray, params: PostProcess | None = None):
     """Everything predict's post-processing makes of one window covering the whole map."""
     h, w = nucleus_u8.shape
@@ -83,7 +89,7 @@ def _region(nucleus_u8: np.ndarray, params: PostProcess | None = None):
         offset_xy=(0.0, 0.0),
         slide_mpp=SLIDE_MPP,
     )
-    return extract_region(nucleus_u8, None, job)
+    return extract_region(_two_class(nucleus_u8), job)
 
 
 def _match(polygons: list[Polygon], truth: list) -> list[tuple[Polygon, tuple]]:
@@ -266,7 +272,7 @@ def test_cells_contain_their_sub_pixel_nuclei() -> None:
             slide_mpp=SLIDE_MPP,
             cell_expansion_px=expansion_px,
         )
-        region = extract_region(nucleus_u8, None, job)
+        region = extract_region(_two_class(nucleus_u8), job)
         assert len(region.cells) == len(region.nuclei) >= 7
         for label, nucleus, measured in region.nuclei:
             cell = region.cells[label]

@@ -37,7 +37,14 @@ HEIGHT, WIDTH = 600, 900
 # Tile seams (stride 192, overlap band to +32), block seams (384), region seams (384·k - 64)
 # and chunk seams (256).
 SEAMS = [192, 224, 256, 320, 384, 416, 512, 576, 608, 704, 768, 800]
-FAST = {"region_px": 384, "chunk_px": 256, "workers": 0, "label_workers": 0, "batch_size": 7}
+FAST = {
+    "region_px": 384,
+    "chunk_px": 256,
+    "workers": 0,
+    "label_workers": 0,
+    "batch_size": 7,
+    "overlap_px": 32,  # the seams above are laid out for stride 192
+}
 
 
 def options(**overrides) -> PredictOptions:

@@ -74,6 +74,8 @@ def test_the_command_module_does_not_import_torch():
         (["a.svs", "--out", "x.txt"], "--out x.txt: expected a file ending in .geojson"),
         (["a.svs", "--overlay", "x.gif"], "expected a file ending in .png"),
         (["a.svs", "--out", "x.geojson", "--cell-expansion-um", "5"], "needs --object-type cell"),
+        (["a.svs", "--out", "x.geojson", "--block-px", "100"], "'--block-px': 100 is not in"),
+        (["a.svs", "--out", "x.geojson", "--grid-offset-px", "3"], "not two integers X,Y"),
     ],
 )
 def test_usage_errors_are_one_line(args, message):
@@ -199,7 +201,9 @@ def test_end_to_end_on_a_region_of_the_cmu_slide(tmp_path, cmu_slide, tiny_check
     )
     assert result.exit_code == 0, result.output
     summary = check_cmu_outputs(tmp_path, (499, 599))  # 500 and 600 level-0 px at 0.499 µm/px
-    assert summary["area_xywh_level0"] == [700, 900, 600, 500] and summary["tiles"] <= 9
+    # The ROI's tiles are the whole-slide grid's tiles (stride 160) that cover it and its 64 px
+    # halo: 6 × 6 at most (it was 3 × 3 on a grid that started at the ROI; issue 11).
+    assert summary["area_xywh_level0"] == [700, 900, 600, 500] and summary["tiles"] <= 36
 
 
 @pytest.mark.slow  # about 40 s on 2 busy cores: random weights make ~18k speckle "nuclei"
