@@ -105,8 +105,42 @@ def _centres_inside(ring_xy: Any, shape_hw: tuple[int, int]) -> np.ndarray:
 def read_geojson_polygons(path: Path) -> list[Polygon]:
     """The ``geometry`` of every Feature of a GeoJSON FeatureCollection written by predict (the
     nucleus for detections; the cell for ``--object-type cell``), in file order."""
+    return [polygon for polygon, _ in read_geojson_nuclei(path)]
+
+
+def read_geojson_nuclei(path: Path) -> list[tuple[Polygon, dict[str, float]]]:
+    """``(geometry, measurements)`` of every Feature predict wrote, in file order (QuPath's
+    "NaN"/"Inf" strings read back as floats)."""
     collection = json.loads(Path(path).read_text(encoding="utf-8"))
-    return [shape(feature["geometry"]) for feature in collection["features"]]
+    return [
+        (
+            shape(feature["geometry"]),
+            {k: float(v) for k, v in feature.get("properties", {}).get("measurements", {}).items()},
+        )
+        for feature in collection["features"]
+    ]
+
+
+def polygon_match_iou(polygons: Sequence[Polygon], gt: np.ndarray) -> np.ndarray:
+    """``N`` float: each polygon's IoU with the true nucleus it overlaps most (0 for none).
+
+    Each polygon is rasterised alone (:func:`polygon_labels`'s pixel-centre rule, holes
+    ignored: predict's nuclei have none), so a polygon's label does not depend on the others;
+    at IoU >= 0.5 the match is unique (PQ's matching).
+    """
+    areas = np.bincount(gt.ravel())
+    out = np.zeros(len(polygons))
+    for i, geometry in enumerate(polygons):
+        inside = _centres_inside(geometry.exterior.coords, gt.shape)
+        ids = gt.flat[inside]
+        ids = ids[ids > 0]
+        if not len(ids):
+            continue
+        counts = np.bincount(ids)
+        best = int(counts.argmax())
+        overlap = counts[best]
+        out[i] = overlap / (len(inside) + areas[best] - overlap)
+    return out
 
 
 # --------------------------------------------------------------------------- the native path
@@ -118,7 +152,18 @@ def predict_polygons(
     options: PredictOptions = EVALUATION_OPTIONS,
     work_dir: Path | None = None,
 ) -> list[Polygon]:
-    """The nucleus polygons ``cellseg predict`` writes for one tile (level-0 pixels).
+    """The nucleus polygons ``cellseg predict`` writes for one tile (level-0 pixels)."""
+    return [polygon for polygon, _ in predict_nuclei(sample, predictor, options, work_dir)]
+
+
+def predict_nuclei(
+    sample: Sample,
+    predictor: TilePredictor,
+    options: PredictOptions = EVALUATION_OPTIONS,
+    work_dir: Path | None = None,
+) -> list[tuple[Polygon, dict[str, float]]]:
+    """The nucleus polygons ``cellseg predict`` writes for one tile (level-0 pixels), with their
+    measurements (:func:`read_geojson_nuclei`).
 
     The tile's pixels are saved losslessly as a PNG and run through
     :func:`cellseg.predict.predict_slide` with ``mpp=sample.mpp``; the GeoJSON it writes is read
@@ -141,7 +186,7 @@ def predict_polygons(
             SlideOutputs(geojson=geojson),
             replace(options, mpp=sample.mpp, overwrite=True),
         )
-        return read_geojson_polygons(geojson)
+        return read_geojson_nuclei(geojson)
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from skimage.segmentation import expand_labels
 from .geojson import GRID_PX, label_polygons, mask_polygon, snap_polygon
 from .instances import PostProcess, label_instances
 from .measurements import shape_measurements, stain_measurements
+from .rejection import Rejection
 from .tiling import Box
 
 PROBABILITY_KEY = "Nucleus probability"
@@ -172,12 +173,16 @@ class RegionNuclei:
         cells: ``{local_label: cell polygon}`` when cells are asked for (``--object-type
             cell``): the nucleus grown by ``cell_expansion_px`` without entering a neighbour's
             growth; measurements then also hold the ``Cell: ...`` ones.
+        rejected: owned nuclei removed by the model's learned rejection
+            (:mod:`cellseg.rejection`); they are not in ``nuclei``, so they get no id and no
+            pixels in the Zarr labels (``labels`` still holds them under their local id).
     """
 
     labels: np.ndarray | None
     nuclei: list[tuple[int, Polygon, dict[str, float]]]
     dropped: int
     cells: dict[int, Polygon] = field(default_factory=dict)
+    rejected: int = 0
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,7 @@ class RegionJob:
     slide_mpp: float
     keep_labels: bool = True  # False spares sending the label map back when no Zarr is written
     cell_expansion_px: int = 0  # > 0: also grow a cell around each nucleus by this distance
+    rejection: Rejection | None = None  # the model's learned rejection; None keeps all nuclei
 
 
 def extract_region(
@@ -231,6 +237,13 @@ def extract_region(
     values = _measure(labels, rgb, ids, outlines, job.slide_mpp, "Nucleus")
     for nucleus, measured in zip(outlined, values, strict=True):
         measured[PROBABILITY_KEY] = nucleus.mean_probability
+    rejected = 0
+    if job.rejection is not None:
+        # On the nucleus's own measurements; its pixels still bound its neighbours' cells.
+        keep = job.rejection.keep(values).tolist()
+        rejected = len(keep) - sum(keep)
+        ids = [label for label, kept in zip(ids, keep, strict=True) if kept]
+        values = [measured for measured, kept in zip(values, keep, strict=True) if kept]
     cells: dict[int, Polygon] = {}
     if job.cell_expansion_px > 0:
         cells, values = _cells(grown, cell_outlines, rgb, ids, values, job)
@@ -238,7 +251,7 @@ def extract_region(
         (label, outlines[label], {k: round(v, DECIMALS) for k, v in measured.items()})
         for label, measured in zip(ids, values, strict=True)
     ]
-    return RegionNuclei(labels if job.keep_labels else None, nuclei, dropped, cells)
+    return RegionNuclei(labels if job.keep_labels else None, nuclei, dropped, cells, rejected)
 
 
 def _outlines(

@@ -230,6 +230,7 @@ class _PostProcessor:
             slide_mpp=plan.slide_mpp,
             keep_labels=self.store.has_labels,
             cell_expansion_px=plan.cell_expansion_px,
+            rejection=plan.rejection,
         )
         probs = self.store.read_float(window)  # lossless: never the uint8 viewing copy
         rgb = self.store.read_pixels(window)
@@ -268,6 +269,8 @@ class _PostProcessor:
                 write_feature(self.writer, record)
         counters = dict(self.journal.counters)
         counters["dropped"] = counters.get("dropped", 0) + dropped
+        if result is not None and result.rejected:
+            counters["rejected"] = counters.get("rejected", 0) + result.rejected
         counters["seconds"] = self.base_seconds + time.monotonic() - self.started
         self.journal.record_region(records, first_id + len(records), counters)
 

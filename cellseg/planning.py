@@ -21,6 +21,7 @@ import numpy as np
 from .errors import CellsegError, SlideError
 from .geojson import OBJECT_TYPES
 from .instances import PostProcess
+from .rejection import Rejection, rejection_of
 from .slide import Slide
 from .tiling import (
     Box,
@@ -178,6 +179,7 @@ class SlidePlan:
     precision: str = "fp32"  # the predictor's resolved precision (cellseg.precision)
     slide_sha256: str | None = None  # content hash: seeds the GeoJSON feature ids
     cell_expansion_px: int = 0  # > 0: cells grown from the nuclei (--object-type cell)
+    rejection: Rejection | None = None  # the model's learned rejection (cellseg.rejection)
     # Canvas box of the processed area (the ROI, or the slide): its nuclei (by centroid) are
     # kept, and the Zarr image covers it; None: the whole canvas. The canvas itself covers the
     # slide-grid tiles around it (cellseg.tiling.Canvas.on_grid).
@@ -352,6 +354,7 @@ def plan_slide(slide: Slide, predictor: TilePredictor, options: PredictOptions) 
         precision=str(getattr(predictor, "precision", "fp32")),
         slide_sha256=_file_sha256(Path(slide.path)) if Path(slide.path).is_file() else None,
         cell_expansion_px=cell_px,
+        rejection=rejection_of(getattr(getattr(predictor, "bundle", None), "meta", None)),
         owned_box=owned_box,
         grid_offset_xy=offset,
         blending=options.blending,

@@ -62,6 +62,7 @@ from .planning import (  # re-exported: the library's entry points live here
     processing_area,
 )
 from .readahead import RegionReader, SlideSource
+from .rejection import rejection_of
 from .slide import Slide, open_slide
 from .store import PredictionStore
 
@@ -170,6 +171,17 @@ class SlideOutputs:
 # ------------------------------------------------------------------------------------- planning
 
 
+def _model_rejection_entry(predictor: TilePredictor) -> dict[str, Any]:
+    rejection = rejection_of(getattr(getattr(predictor, "bundle", None), "meta", None))
+    return {} if rejection is None else {"rejection": rejection.to_dict()}
+
+
+def _rejection_entry(plan: SlidePlan) -> dict[str, Any]:
+    """``{"rejection": ...}`` for provenance when the model has a learned rejection, else
+    nothing (so results of models without one are described exactly as before)."""
+    return {} if plan.rejection is None else {"rejection": plan.rejection.to_dict()}
+
+
 def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs) -> dict:
     """What must be equal for a journal to be resumed (inputs, model, geometry, outputs)."""
     stat = plan.slide_path.stat()
@@ -190,6 +202,7 @@ def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs
         "tiling": [TILING_SCHEME, plan.blending, list(plan.grid_offset_xy), plan.owned_box],
         "tissue": [options.tissue_mask, options.tissue_mpp],
         "postprocess": plan.postprocess.to_dict(),
+        **_rejection_entry(plan),
         "cell_expansion_px": plan.cell_expansion_px,  # the journal holds the cells' outlines
         "zarr": str(outputs.zarr_partial.resolve()),
         "with_labels": outputs.zarr is not None,
@@ -229,6 +242,7 @@ def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
         },
         "num_classes": plan.num_classes,
         "postprocess": plan.postprocess.to_dict(),
+        **_rejection_entry(plan),
         "tiling": {
             "tile_px": layout.tile_px,
             "overlap_px": layout.overlap_px,
@@ -329,6 +343,11 @@ def _summary(
         "regions": len(list(layout.blocks())),
         "nuclei": journal.next_id - 1,
         "objects_dropped_larger_than_halo": int(journal.counters.get("dropped", 0)),
+        **(
+            {"nuclei_rejected": int(journal.counters.get("rejected", 0))}
+            if plan.rejection is not None
+            else {}
+        ),
         "seconds": round(seconds, 3),
         "seconds_this_session": round(stats.session_seconds, 3),
         "tiles_per_second": round(stats.pipeline.tiles_run / stats.session_seconds, 2)
@@ -356,6 +375,7 @@ def _summary(
             "precision": plan.precision,
             "device": str(getattr(predictor, "device", "unknown")),
             "postprocess": plan.postprocess.to_dict(),
+            **_rejection_entry(plan),
         },
         "versions": _versions(),
         "outputs": {k: str(v) for k, v in asdict(outputs).items() if v is not None},
@@ -478,6 +498,7 @@ def run_provenance(
         "cell_expansion_um": options.cell_expansion_um,
         "precision": _precision_of(predictor, options),
         "postprocess": postprocess_for(predictor, options).to_dict(),
+        **_model_rejection_entry(predictor),
         "tiling": [TILING_SCHEME, options.blending, list(options.grid_offset_px)],
         "geometry": [
             options.backend,
