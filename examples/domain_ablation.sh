@@ -16,4 +16,4 @@ for name in full no-cim no-stain-aug; do
   cellseg train --data "$SHARED/monuseg" --data "$SHARED/consep" --init "$INIT" \
       --epochs "$EPOCHS" --lr 0.0005 --seed "$SEED" --threads "${THREADS:-2}" --out "$out" ${FLAGS[$name]} $resume
 done
-python examples/domain_ablation_summary.py "runs/domains-e${EPOCHS}-s${SEED}"
+python "$(dirname "$0")/domain_ablation_summary.py" "runs/domains-e${EPOCHS}-s${SEED}"
