@@ -353,7 +353,7 @@ def grid_candidates(base: PostProcess, grid: Mapping[str, Sequence[float]]) -> l
 
 def tune_postprocess(
     predictor: TilePredictor,
-    samples: Sequence[Sample],
+    samples: Sequence[Sample] | Mapping[str, Sequence[Sample]],
     base: PostProcess,
     grids: Sequence[Mapping[str, Sequence[float]]] = DEFAULT_TUNING_GRIDS,
     progress: bool = False,
@@ -369,6 +369,10 @@ def tune_postprocess(
     costs the sum of the two grids, not their product. A candidate replaces the best only when
     its AJI is strictly higher (ties keep the earlier one).
 
+    ``samples`` may map domain names to their validation samples (MoNuSeg's 6 tiles, CoNSeP's 80
+    patches): each metric is then the mean over domains of the domain means, so that every
+    hospital weighs the same, and each row also carries ``<metric>_<domain>``.
+
     Returns:
         ``(best, rows)``: the best parameters and one row per distinct candidate scored, in
         order: ``stage``, its parameters (``PostProcess.to_dict``) and the mean of each of
@@ -376,17 +380,26 @@ def tune_postprocess(
     """
     from tqdm import tqdm
 
-    if not samples:
-        raise ValueError("tune_postprocess needs at least one sample")
+    groups = dict(samples) if isinstance(samples, Mapping) else {"": list(samples)}
+    if not groups or not all(groups.values()):
+        raise ValueError("tune_postprocess needs at least one sample (per domain)")
     cache = predictor if isinstance(predictor, TileCache) else TileCache(predictor)
     scored: dict[PostProcess, dict] = {}
     rows: list[dict] = []
 
     def score(post: PostProcess, stage: int) -> float:
         if post not in scored:
-            result = evaluate_samples(cache, samples, "native", post=post, options=options)
-            scored[post] = {k: result["summary"][k]["mean"] for k in TUNING_METRICS}
-            rows.append({"stage": stage, **post.to_dict(), **scored[post]})
+            per_group = {}
+            for name, group in groups.items():
+                result = evaluate_samples(cache, group, "native", post=post, options=options)
+                per_group[name] = {k: result["summary"][k]["mean"] for k in TUNING_METRICS}
+            scored[post] = {
+                k: float(np.mean([m[k] for m in per_group.values()])) for k in TUNING_METRICS
+            }
+            detail = {}
+            if len(groups) > 1:
+                detail = {f"{k}_{g}": m[k] for g, m in per_group.items() for k in TUNING_METRICS}
+            rows.append({"stage": stage, **post.to_dict(), **scored[post], **detail})
         return scored[post]["aji"]
 
     score(base, 0)  # stage 0: the parameters to improve on

@@ -54,17 +54,21 @@ def main() -> None:
     val_ids = set(bundle.meta.get("val_ids") or [])
     if not val_ids:
         val_ids = set(read_ids(find_ids_file(args.data / "train") or args.data / "val_ids.txt"))
-    val = load_split(args.data / "train", val_ids)
     post = postprocess_of(bundle)
     grid = bundle.meta.get("postprocess_tuning")
     if not args.no_tune:
         t0 = time.perf_counter()
         # On predict's own path (as `cellseg evaluate --protocol native` scores), in fp32, on
-        # the MoNuSeg validation tiles (CoNSeP's are checked with the result below).
+        # the validation tiles of every domain, each domain weighing the same.
         predictor = Predictor(bundle, device="cpu", precision="fp32")
-        post, grid = tune_postprocess(predictor, val, postprocess_of(bundle))
+        by_domain = {
+            name: load_split(root / "train", val_ids) for name, root in domain_roots(args).items()
+        }
+        by_domain = {name: group for name, group in by_domain.items() if group}
+        post, grid = tune_postprocess(predictor, by_domain, postprocess_of(bundle))
         print(
-            f"tuned post-processing on {len(val)} validation tiles: {post} "
+            f"tuned post-processing on {sum(map(len, by_domain.values()))} validation tiles "
+            f"of {', '.join(by_domain)}: {post} "
             f"({time.perf_counter() - t0:.0f} s)"
         )
     meta = {
@@ -189,7 +193,7 @@ def model_card(bundle, path, stages, results, seconds, post) -> str:
         f"  {best['val_dice']:.4f} at its epoch {best['epoch']}"
         + (f" (per domain {best['val_dice_by_domain']})" if "val_dice_by_domain" in best else "")
         + f"; {total_s / 60:.0f} min of training in all, on a 2-core CPU (no GPU).",
-        "- **Post-processing** (tuned for AJI on the MoNuSeg validation tiles, predict's path):",
+        "- **Post-processing** (tuned for AJI on predict's path, mean over the validation sets):",
         f"  `{json.dumps(post.to_dict())}`",
         f"- **SHA-256**: `{file_sha256(path)}`",
         "",

@@ -8,6 +8,7 @@ tuning runs the network once per tile and picks the candidate with the best AJI.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -133,3 +134,16 @@ def test_tuning_runs_the_network_once_and_picks_the_best_aji(tile):
     chosen = evaluate_samples(DiscOracle(), [tile], "native", post=best)["summary"]
     assert max(row["aji"] for row in rows) == chosen["aji"]["mean"] > 0.8
     assert {"pq", "dq", "sq", "dice"} <= set(rows[0])
+
+
+def test_tuning_over_domains_weighs_each_domain_the_same(tile):
+    grids = [{"min_area_um2": (3.0, 60.0)}]
+    empty = dataclasses.replace(tile, image_id="empty", labels=np.zeros_like(tile.labels))
+    _, rows = tune_postprocess(
+        DiscOracle(), {"a": [tile], "b": [tile, tile, empty]}, PostProcess(), grids
+    )
+    for row in rows:
+        assert row["aji"] == pytest.approx((row["aji_a"] + row["aji_b"]) / 2)
+    alone = evaluate_samples(DiscOracle(), [tile, tile, empty], "native", post=PostProcess())
+    alone = alone["summary"]
+    assert rows[0]["aji_b"] == pytest.approx(alone["aji"]["mean"])
