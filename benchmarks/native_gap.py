@@ -35,13 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cellseg.checkpoint import default_model_path, load_bundle  # noqa: E402
-from cellseg.data import (  # noqa: E402
-    find_samples,
-    load_sample,
-    read_ids,
-    resize_image,
-    resize_labels_nearest,
-)
+from cellseg.data import find_samples, load_sample, read_ids  # noqa: E402
 from cellseg.evaluation import (  # noqa: E402
     EVALUATION_OPTIONS,
     polygon_labels,
@@ -51,8 +45,8 @@ from cellseg.evaluation import (  # noqa: E402
 )
 from cellseg.inference import Predictor, predict_array  # noqa: E402
 from cellseg.instances import label_instances  # noqa: E402
-from cellseg.nuclei import probabilities_from_store  # noqa: E402
 from cellseg.predict import SlideOutputs, predict_slide  # noqa: E402
+from cellseg.resample import resize_image, resize_labels_nearest  # noqa: E402
 from cellseg.store import to_uint8  # noqa: E402
 
 ROWS = (
@@ -68,7 +62,11 @@ METRICS = ("dice", "aji", "pq", "dq", "sq")
 
 
 def uint8_round_trip(probs: np.ndarray) -> np.ndarray:
-    return probabilities_from_store(to_uint8(1.0 - probs[0]), to_uint8(probs[1]))
+    """The release's float -> uint8 -> float round trip of the stored probabilities (issue 11
+    removed it from predict; kept here to measure what it cost)."""
+    nucleus = to_uint8(1.0 - probs[0]).astype(np.float32) / 255.0
+    interior = np.minimum(to_uint8(probs[1]).astype(np.float32) / 255.0, nucleus)
+    return np.stack([1.0 - nucleus, interior, nucleus - interior])
 
 
 def area_average(image: np.ndarray, factor: int) -> np.ndarray:
