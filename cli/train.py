@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import device_option, precision_option, user_errors
+from .common import device_option, fail, precision_option, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -151,6 +151,8 @@ def train_command(
     from cellseg.outputs import check_writable
     from cellseg.training import TrainOptions, train
 
+    if preset == "paper" and len(data) > 1:
+        fail("the paper preset trains on one dataset (give --data once)")
     check_writable([out_dir / "best.safetensors"])  # a read-only --out fails now, not at epoch 1
     opts = TrainOptions(
         data=[str(d) for d in data],

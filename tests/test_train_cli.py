@@ -174,3 +174,25 @@ def test_init_fine_tunes_from_a_bundle_and_rejects_another_config(monuseg, tmp_p
     assert result.exit_code != 0 and result.output.startswith("error:")
     assert "widths" in result.output and result.output.strip().count("\n") == 0
     assert not (tmp_path / "bad").exists()  # no empty run folder left behind
+
+
+def test_paper_preset_with_two_datasets_is_a_usage_error(monuseg, tmp_path):
+    out = tmp_path / "run"
+    result = run(
+        [
+            "train",
+            "--data",
+            str(monuseg),
+            "--data",
+            str(monuseg),
+            "--preset",
+            "paper",
+            "--out",
+            str(out),
+        ]
+    )
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: the paper preset trains on one dataset (give --data once)"
+    ]
+    assert not out.exists()
