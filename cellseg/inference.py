@@ -72,7 +72,10 @@ class Predictor:
         self.model = bundle.model.to(self.device).eval()
         self.mpp = float(bundle.meta.get("mpp", 0.5))
         self.tile_px = int(bundle.meta.get("tile_px", bundle.config.tile_px))
-        self.num_classes = bundle.config.num_classes
+        # Output channels C: the classes' softmax, then the distance map for distance-head models
+        # (the attribute keeps the TilePredictor protocol's name).
+        self.num_classes = bundle.config.output_channels
+        self._softmax_channels = bundle.config.num_classes
         self.channels_last = use_channels_last(self.precision, self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -124,10 +127,14 @@ class Predictor:
         return total / len(views)
 
     def _softmax(self, x: torch.Tensor) -> torch.Tensor:
-        """``N×3×H×W`` float in [0, 1] -> ``N×C×H×W`` float32 softmax probabilities."""
+        """``N×3×H×W`` float in [0, 1] -> ``N×C×H×W`` float32: softmax probabilities of the
+        classes, then (distance head) the sigmoid of the distance logit, also in [0, 1]."""
         with self._autocast():
-            logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1)
+            logits = self.model(x).float()
+        k = self._softmax_channels
+        if logits.shape[1] == k:
+            return torch.softmax(logits, dim=1)
+        return torch.cat([torch.softmax(logits[:, :k], dim=1), torch.sigmoid(logits[:, k:])], 1)
 
 
 def _d4_view(x: torch.Tensor, quarter_turns: int, flip: bool) -> torch.Tensor:

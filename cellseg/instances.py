@@ -34,7 +34,8 @@ class PostProcess:
 
     Attributes:
         fg_threshold: a pixel is nucleus where ``p1 + p2 > fg_threshold`` (the paper's 0.5).
-        marker_threshold: watershed markers are connected components of ``p1 > marker_threshold``.
+        marker_threshold: watershed markers are connected components of ``p1 > marker_threshold``
+            (distance-head models: of the distance map ``d > marker_threshold``).
         min_marker_area_um2: markers smaller than this are discarded as noise (1 µm² = 4 px at
             0.5 µm/px). A small nucleus whose only marker is dropped is not lost: an unmarked
             foreground component still becomes one instance.
@@ -119,8 +120,8 @@ def _is_real(value: object) -> bool:
 
 def _validate_probs(probs: np.ndarray, mpp: float) -> np.ndarray:
     probs = np.asarray(probs)
-    if probs.ndim != 3 or probs.shape[0] not in (2, 3):
-        raise ValueError(f"probs must be C×H×W with C = 2 or 3, got shape {probs.shape}")
+    if probs.ndim != 3 or probs.shape[0] not in (2, 3, 4):
+        raise ValueError(f"probs must be C×H×W with C = 2, 3 or 4, got shape {probs.shape}")
     if not np.issubdtype(probs.dtype, np.floating):
         raise ValueError(f"probs must be floating-point probabilities, got dtype {probs.dtype}")
     if not (math.isfinite(mpp) and mpp > 0):
@@ -503,13 +504,17 @@ def label_instances(probs: np.ndarray, mpp: float, params: PostProcess | None = 
     Three channels (background, interior, boundary): markers are the components of
     ``p1 > marker_threshold`` (small ones dropped), the flooded mask is ``p1 + p2 > fg_threshold``
     and the elevation is ``1 - p1``, so floods spread from confident interiors and meet inside
-    the boundary class. Two channels (background, nucleus): the mask is ``p1 > fg_threshold`` and
-    the markers are peaks of its smoothed distance transform (elevation ``-distance``).
+    the boundary class. Four channels (the three classes, then a distance-head model's
+    normalised distance map ``d``, issue 10 point 4): the same mask, markers from
+    ``d > marker_threshold`` and elevation ``1 - d``, so floods spread from each nucleus's core
+    and meet where the regressed distance is lowest. Two channels (background, nucleus): the mask
+    is ``p1 > fg_threshold`` and the markers are peaks of its smoothed distance transform
+    (elevation ``-distance``).
     In both cases foreground components without a marker become one instance each, holes are
     filled (``fill_holes``), objects below ``min_area_um2`` are removed and labels are renumbered.
 
     Args:
-        probs: ``C×H×W`` float softmax probabilities, ``C`` = 3 or 2.
+        probs: ``C×H×W`` float probabilities, ``C`` = 3, 4 (with the distance map) or 2.
         mpp: resolution of ``probs`` in µm per pixel (converts the µm/µm² parameters to pixels).
         params: post-processing parameters; ``PostProcess()`` when omitted.
 
@@ -519,9 +524,10 @@ def label_instances(probs: np.ndarray, mpp: float, params: PostProcess | None = 
     params = params or PostProcess()
     probs = _validate_probs(probs, mpp)
     mask = nucleus_probability(probs) > params.fg_threshold
-    if probs.shape[0] == 3:
-        markers = _interior_markers(probs[1], mask, params, mpp)
-        elevation = 1.0 - probs[1]
+    if probs.shape[0] >= 3:
+        core = probs[3] if probs.shape[0] == 4 else probs[1]
+        markers = _interior_markers(core, mask, params, mpp)
+        elevation = 1.0 - core
     else:
         distance = _smoothed_distance(mask, params, mpp)
         markers = _distance_markers(mask, distance, params, mpp)

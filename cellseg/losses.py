@@ -2,7 +2,9 @@
 
 ``L = L_CIM + 0.5·Dice + 0.5·Focal``. Targets are class maps (0 background, 1 nucleus interior,
 2 nucleus boundary); Dice and the focal balancing act on "nucleus" = interior ∪ boundary, the
-paper's binary foreground, so a 2-class model gets exactly the paper's losses.
+paper's binary foreground, so a 2-class model gets exactly the paper's losses. A model with a
+distance head (issue 10 point 4) adds ``distance_weight · MSE`` between the sigmoid of its last
+channel and :func:`cellseg.targets.distance_targets`, a term beyond the paper.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ class LossTerms:
     cim: torch.Tensor
     dice: torch.Tensor
     focal: torch.Tensor
+    distance: torch.Tensor | None = None  # models with a distance head only
+
+    NAMES = ("total", "cim", "dice", "focal", "distance")
 
     def as_floats(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "cim", "dice", "focal")}
+        return {k: float(v.detach()) for k in self.NAMES if (v := getattr(self, k)) is not None}
 
 
 def per_image_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -51,21 +56,42 @@ def focal_loss(
     return (-alpha_t * (1 - log_pt.exp()).pow(gamma) * log_pt).mean()
 
 
+# Weight of the distance-map MSE. Its values are around 0.02-0.05 once trained, a tenth of the
+# class terms; HoVer-Net (Graham et al. 2019) weighs its map regression 1-2x its class loss,
+# and 2 keeps the map's gradient from being drowned by the class terms early in fine-tuning.
+DISTANCE_WEIGHT = 2.0
+
+
+def distance_loss(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel-mean squared error of ``sigmoid(logit)`` against the distance map: ``B×H×W`` -> ()."""
+    return (torch.sigmoid(logit) - target).pow(2).mean()
+
+
 def segmentation_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     sample_weights: torch.Tensor | None = None,
     dice_weight: float = 0.5,
+    distance_target: torch.Tensor | None = None,
 ) -> LossTerms:
-    """Total loss of paper eq. 7 with λ = 0.5.
+    """Total loss of paper eq. 7 with λ = 0.5, plus the distance-map term if the model has one.
 
     ``sample_weights`` (``B``, summing to 1) come from the CIM; ``None`` means uniform weights, i.e.
     the "without CIM" ablation where ``L_CIM`` is the plain cross-entropy (SPEC §4, point 6).
+    ``distance_target`` (``B×H×W`` float, :func:`cellseg.targets.distance_targets`) is given for
+    models with a distance head, whose last logit channel it supervises; the CIM weights only
+    the cross-entropy, as in the paper, so the distance term is a plain batch mean.
     """
     # fp32 island (docs/NOTES.md): log-softmax, the focal term (1 - p)^γ and the batch sums of
     # Dice are computed on fp32 logits with autocast off, whatever the network's precision.
     with torch.autocast(logits.device.type, enabled=False):
-        return _segmentation_loss_fp32(logits.float(), target, sample_weights, dice_weight)
+        logits = logits.float()
+        if distance_target is None:
+            return _segmentation_loss_fp32(logits, target, sample_weights, dice_weight)
+        terms = _segmentation_loss_fp32(logits[:, :-1], target, sample_weights, dice_weight)
+        terms.distance = distance_loss(logits[:, -1], distance_target.to(logits.dtype))
+        terms.total = terms.total + DISTANCE_WEIGHT * terms.distance
+        return terms
 
 
 def _segmentation_loss_fp32(

@@ -3,7 +3,8 @@
 One config dataclass drives every architecture (``arch``: ``causal``, ``unet``,
 ``attention_unet``); it is stored inside every checkpoint so a model file rebuilds itself.
 Layer-by-layer layout: SPEC.md §6.2. All models take ``B×3×H×W`` floats in [0, 1] (normalisation
-is inside the model) with H, W multiples of 32, and return ``B×num_classes×H×W`` logits.
+is inside the model) with H, W multiples of 32, and return ``B×output_channels×H×W`` logits:
+``num_classes`` class logits, then (``distance_head``) one logit of the normalised distance map.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class ModelConfig:
 
     arch: str = "causal"
     num_classes: int = 3  # background, nucleus interior, nucleus boundary (instance separation)
+    # Issue 10 point 4: one more output channel regressing each nucleus's distance transform
+    # normalised to [0, 1] (targets.distance_targets), which seeds the watershed instead of
+    # the interior class (instances.label_instances). The class logits stay, so the paper's
+    # binary metrics still come from the nucleus probability 1 - p0.
+    distance_head: bool = False
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     use_dac: bool = True  # False: the paper's "Backbone" (CNN + Transformer) ablation
     use_transformer: bool = True
@@ -60,6 +66,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.distance_head and self.num_classes != 3:
+            raise ValueError("a distance head goes with the three classes (C = 4 channels)")
         if len(self.widths) != 5:
             raise ValueError(f"widths must list 5 stage widths, got {self.widths}")
         self.widths = tuple(int(w) for w in self.widths)
@@ -87,6 +95,11 @@ class ModelConfig:
             "transformer_heads": 8,
         }
         return cls(**{**base, **overrides})
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the network output: the classes plus the distance map, if any."""
+        return self.num_classes + int(self.distance_head)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -116,7 +129,7 @@ class _Normalise(nn.Module):
 class _UNetDecoder(nn.Module):
     """Five U-Net up-steps from the bottleneck to full resolution, then a 1×1 head."""
 
-    def __init__(self, widths: tuple[int, ...], stem: int, num_classes: int, gated: bool) -> None:
+    def __init__(self, widths: tuple[int, ...], stem: int, out_channels: int, gated: bool) -> None:
         super().__init__()
         skips = (stem, *widths[:-1])  # s0, e1..e4
         ins = widths[::-1]  # e5 (bottleneck), then each decoder output
@@ -126,7 +139,7 @@ class _UNetDecoder(nn.Module):
             self.ups.append(UpBlock(ins[i], skip_ch, skip_ch))
             if self.gates is not None:
                 self.gates.append(AttentionGate(ins[i], skip_ch, max(skip_ch // 2, 4)))
-        self.head = nn.Conv2d(stem, num_classes, 1)
+        self.head = nn.Conv2d(stem, out_channels, 1)
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for i, skip in enumerate(reversed(skips)):
@@ -144,7 +157,7 @@ class _UNetDecoder(nn.Module):
 class CausalCellSegmenter(nn.Module):
     """CausalCellSegmenter: stem, five DAC stages (Transformer on stage 1), U-Net decoder.
 
-    ``forward(x)``: ``B×3×H×W`` in [0, 1] -> logits ``B×num_classes×H×W``;
+    ``forward(x)``: ``B×3×H×W`` in [0, 1] -> logits ``B×output_channels×H×W``;
     ``forward(x, return_bottleneck=True)`` also returns f5 (``B×widths[4]×H/32×W/32``), the
     feature map the Causal Inference Module decorrelates (paper §3.2).
     """
@@ -179,7 +192,7 @@ class CausalCellSegmenter(nn.Module):
             )
             for i in range(5)
         )
-        self.decoder = _UNetDecoder(w, w[0], cfg.num_classes, gated=False)
+        self.decoder = _UNetDecoder(w, w[0], cfg.output_channels, gated=False)
         init_weights(self)
 
     def forward(
@@ -212,7 +225,7 @@ class UNet(nn.Module):
             nn.Sequential(nn.MaxPool2d(2), ConvBNAct(ins[i], w[i]), ConvBNAct(w[i], w[i]))
             for i in range(5)
         )
-        self.decoder = _UNetDecoder(w, w[0], cfg.num_classes, gated=attention)
+        self.decoder = _UNetDecoder(w, w[0], cfg.output_channels, gated=attention)
         init_weights(self)
 
     def forward(

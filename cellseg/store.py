@@ -52,8 +52,9 @@ PROBABILITY = "0"  # level 0 of the image pyramid
 LABELS = f"labels/{LABEL_NAME}/0"  # level 0 of the label pyramid
 BACKGROUND = "background_f32"  # working arrays, deleted by finish()
 INTERIOR = "interior_f32"
+DISTANCE = "distance_f32"  # distance-head models: channel 3, the normalised distance map
 PIXELS = "rgb"
-WORKING_ARRAYS = (BACKGROUND, INTERIOR, PIXELS)
+WORKING_ARRAYS = (BACKGROUND, INTERIOR, DISTANCE, PIXELS)
 MIN_LEVEL_PX = 256  # the pyramid goes down until the longest side is at most this
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
 # The working rgb array is written once and read a few times: speed over size.
@@ -73,6 +74,7 @@ class PredictionStore:
         path: the group's folder.
         has_labels: whether ``labels/nuclei`` is written (only when the user asked for a Zarr).
         has_interior: whether ``interior_f32`` exists (three-class models).
+        has_distance: whether ``distance_f32`` exists (distance-head models, four channels).
         has_float: whether the float32 working probabilities exist (until :meth:`finish`).
         has_pixels: whether the working ``rgb`` array exists (until :meth:`finish`).
     """
@@ -86,12 +88,13 @@ class PredictionStore:
         # Opened once: looking an array up in the group reads its metadata from disk each time.
         self._arrays = {
             name: group[name]
-            for name in (PROBABILITY, LABELS, BACKGROUND, INTERIOR, PIXELS)
+            for name in (PROBABILITY, LABELS, BACKGROUND, INTERIOR, DISTANCE, PIXELS)
             if _has(group, name)
         }
         self.has_labels = LABELS in self._arrays
         self.has_float = BACKGROUND in self._arrays
         self.has_interior = INTERIOR in self._arrays
+        self.has_distance = DISTANCE in self._arrays
         self.has_pixels = PIXELS in self._arrays
 
     @classmethod
@@ -120,8 +123,10 @@ class PredictionStore:
         if with_labels:
             _create(group, LABELS, out_hw, out_chunks, "uint32")
         names = [(BACKGROUND, "float32")]
-        if num_classes == 3:
+        if num_classes >= 3:
             names.append((INTERIOR, "float32"))
+        if num_classes == 4:
+            names.append((DISTANCE, "float32"))
         for name, dtype in names:
             _create(group, name, canvas_hw, chunks, dtype)
         # White outside the tissue tiles that are read: optical density 0 there.
@@ -172,6 +177,8 @@ class PredictionStore:
         self._arrays[BACKGROUND][y0:y1, x0:x1] = probs[0]
         if self.has_interior:
             self._arrays[INTERIOR][y0:y1, x0:x1] = probs[1]
+        if self.has_distance:
+            self._arrays[DISTANCE][y0:y1, x0:x1] = probs[3]
 
     def write_cells(self, cells: Sequence[tuple[Box, np.ndarray]]) -> None:
         """Stores the final ``C×h×w`` probabilities of disjoint canvas boxes (a block's cells).
@@ -191,15 +198,20 @@ class PredictionStore:
             return
         background = np.empty((y1 - y0, x1 - x0), np.float32)
         interior = np.empty_like(background) if self.has_interior else None
+        distance = np.empty_like(background) if self.has_distance else None
         for (cy0, cy1, cx0, cx1), probs in cells:
             inside = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
             background[inside] = probs[0]
             if interior is not None:
                 interior[inside] = probs[1]
+            if distance is not None:
+                distance[inside] = probs[3]
         self._write_output(PROBABILITY, (y0, y1, x0, x1), to_uint8(1.0 - background))
         self._arrays[BACKGROUND][y0:y1, x0:x1] = background
         if interior is not None:
             self._arrays[INTERIOR][y0:y1, x0:x1] = interior
+        if distance is not None:
+            self._arrays[DISTANCE][y0:y1, x0:x1] = distance
 
     def read_probabilities(self, box: Box) -> tuple[np.ndarray, np.ndarray | None]:
         """``(nucleus_u8, interior_u8 or None)`` of a canvas box inside the output box: the
@@ -214,13 +226,17 @@ class PredictionStore:
     def read_float(self, box: Box) -> np.ndarray:
         """The blended float32 probabilities of a canvas box, bit for bit as the stitcher gave
         them: ``C×h×w`` ``[p0, p1, 1 - p0 - p1]`` (three classes; the post-processing reads
-        ``p0`` and ``p1`` only) or ``[p0, 1 - p0]`` (two)."""
+        ``p0`` and ``p1`` only), the same plus the distance map ``d`` (four channels) or
+        ``[p0, 1 - p0]`` (two)."""
         y0, y1, x0, x1 = box
         background = self._arrays[BACKGROUND][y0:y1, x0:x1]
         if not self.has_interior:
             return np.stack([background, 1.0 - background])
         interior = self._arrays[INTERIOR][y0:y1, x0:x1]
-        return np.stack([background, interior, 1.0 - background - interior])
+        channels = [background, interior, 1.0 - background - interior]
+        if self.has_distance:
+            channels.append(self._arrays[DISTANCE][y0:y1, x0:x1])
+        return np.stack(channels)
 
     def write_pixels(self, box: Box, rgb: np.ndarray) -> None:
         """Stores the slide's ``h×w×3`` uint8 pixels of a canvas box (the working ``rgb``)."""
@@ -268,7 +284,7 @@ class PredictionStore:
             if name in self._arrays:
                 del self._arrays[name]
                 del self.group[name]
-        self.has_interior = self.has_pixels = self.has_float = False
+        self.has_interior = self.has_distance = self.has_pixels = self.has_float = False
         mpp = self.group.attrs.get("mpp")
         image_paths = build_pyramid(self.group, downsample_mean)
         self.group.attrs.update(

@@ -44,6 +44,7 @@ from .metrics import dice
 from .model import ModelConfig, build_model, count_flops, count_parameters
 from .precision import autocast, resolve_precision, use_channels_last
 from .resample import resize_sample
+from .targets import distance_targets
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class TrainOptions:
     use_cim: bool = True
     use_dac: bool = True
     num_classes: int = 3
+    distance_head: bool = False  # issue 10 point 4: regress a distance map, seed instances on it
     mpp: float = 0.5  # wsi preset: physical resolution of the crops
     crops_per_tile: int = 8  # wsi preset: random crops per training tile per epoch
     val_overlap_px: int = 64
@@ -107,12 +109,33 @@ class TrainOptions:
         return self.epochs or (400 if self.preset == "paper" else 150)
 
     def model_config(self) -> ModelConfig:
-        kwargs = {"arch": self.arch, "num_classes": self.num_classes, "use_dac": self.use_dac}
+        kwargs = {
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "use_dac": self.use_dac,
+            "distance_head": self.distance_head,
+        }
         if self.model_size == "paper":
             return ModelConfig.paper(**kwargs)
         if self.model_size == "tiny":
             return ModelConfig.tiny(**kwargs)
         return ModelConfig(**kwargs)
+
+
+def inherit_weights(model: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Copies ``source``'s weights into ``model`` (same architecture). Where ``model`` has more
+    output channels (a distance head on a class model), the 1×1 head's first rows come from
+    ``source`` and the extra row keeps its fresh initialisation, so the class logits of the two
+    models are equal at the start."""
+    state = model.state_dict()
+    for name, value in source.state_dict().items():
+        if value.shape == state[name].shape:
+            state[name] = value
+        elif value.shape[1:] == state[name].shape[1:] and value.shape[0] < state[name].shape[0]:
+            state[name] = torch.cat([value, state[name][value.shape[0] :]])
+        else:
+            raise ValueError(f"{name}: shape {tuple(value.shape)} cannot fill {state[name].shape}")
+    model.load_state_dict(state)
 
 
 def resolve_training_folder(data: Path) -> tuple[Path, Path | None]:
@@ -314,6 +337,9 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch; returns the loss terms as detached device tensors
         (no host synchronisation: the caller sums them on the device)."""
+        distance = None
+        if self.model_config.distance_head:  # from the class map on the host (scipy)
+            distance = torch.from_numpy(distance_targets(y.numpy())).to(self.device)
         x, y = self._to_device(x), y.to(self.device, non_blocking=True)
         with self._autocast():
             logits, f5 = self.step_model(x, return_bottleneck=True)
@@ -325,13 +351,15 @@ class Trainer:
             rel = weights.detach() * weights.numel()  # relative to uniform (1 = uniform)
             terms |= {"cim_weight_min": rel.min(), "cim_weight_max": rel.max()}
             terms["cim_weight_std"] = rel.std(correction=0)
-        loss = segmentation_loss(logits, y, weights)
+        loss = segmentation_loss(logits, y, weights, distance_target=distance)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss.total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.iteration += 1
-        terms |= {f"loss_{k}": getattr(loss, k).detach() for k in ("total", "cim", "dice", "focal")}
+        terms |= {
+            f"loss_{k}": v.detach() for k in loss.NAMES if (v := getattr(loss, k)) is not None
+        }
         return terms
 
     def train_epoch(self) -> dict:
@@ -365,7 +393,8 @@ class Trainer:
             for x, y in DataLoader(self.val_set, batch_size=self.opts.batch_size):
                 with self._autocast():
                     logits = self.model(self._to_device(x))
-                fg = (1 - torch.softmax(logits.float(), dim=1)[:, 0]).cpu().numpy() > 0.5
+                classes = logits[:, : self.model_config.num_classes].float()
+                fg = (1 - torch.softmax(classes, dim=1)[:, 0]).cpu().numpy() > 0.5
                 scores += [dice(p, t > 0) for p, t in zip(fg, y.numpy() > 0, strict=True)]
         else:
             # The predictor and blending of `cellseg predict`, at the training precision.
@@ -494,17 +523,20 @@ class Trainer:
         """Copies the weights of ``opts.init_from`` into the model; returns the file's SHA-256.
 
         A warm restart (SGDR, Loshchilov & Hutter 2017): the optimiser, schedule and CIM memory
-        start fresh, only the weights are inherited. The bundle must have this run's config.
+        start fresh, only the weights are inherited. The bundle must have this run's config,
+        except that a model without a distance head may start one with a distance head: every
+        weight is copied and the head's extra output channel keeps its fresh initialisation.
         """
         bundle = load_bundle(self.opts.init_from)
         ours, theirs = self.model_config.to_dict(), bundle.config.to_dict()
         differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-        if differ:
+        adds_head = differ == ["distance_head"] and not bundle.config.distance_head
+        if differ and not adds_head:
             raise DataError(
                 f"{self.opts.init_from}: model config differs from this run's in "
                 f"{', '.join(differ)}; pass matching --arch/--model-size/--binary/--no-dac"
             )
-        self.model.load_state_dict(bundle.model.state_dict())
+        inherit_weights(self.model, bundle.model)
         return file_sha256(self.opts.init_from)
 
     # ----------------------------------------------------------------- run

@@ -75,6 +75,12 @@ from .common import device_option, fail, precision_option, user_errors
     is_flag=True,
     help="Two classes (the paper's output) instead of adding a boundary class.",
 )
+@click.option(
+    "--distance-map",
+    is_flag=True,
+    help="Also regress each nucleus's normalised distance map (a 4th output channel) and seed "
+    "the watershed from it instead of the interior class (docs/RESULTS.md compares the two).",
+)
 @click.option("--no-cim", is_flag=True, help="Ablation: uniform sample weights (plain CE).")
 @click.option("--no-dac", is_flag=True, help="Ablation: CNN + Transformer backbone only.")
 @click.option(
@@ -126,6 +132,7 @@ def train_command(
     mpp,
     patience,
     binary,
+    distance_map,
     no_cim,
     no_dac,
     no_stain_aug,
@@ -153,6 +160,8 @@ def train_command(
 
     if preset == "paper" and len(data) > 1:
         fail("the paper preset trains on one dataset (give --data once)")
+    if binary and distance_map:
+        fail("--distance-map needs the three classes (drop --binary)")
     check_writable([out_dir / "best.safetensors"])  # a read-only --out fails now, not at epoch 1
     opts = TrainOptions(
         data=[str(d) for d in data],
@@ -167,6 +176,7 @@ def train_command(
         use_cim=not no_cim,
         use_dac=not no_dac,
         num_classes=2 if binary else 3,
+        distance_head=distance_map,
         mpp=mpp,
         device=device,
         precision=precision,

@@ -266,9 +266,9 @@ def test_nucleus_probability_is_one_minus_background():
 
 
 def test_invalid_inputs_raise():
-    with pytest.raises(ValueError, match="C = 2 or 3"):
-        label_instances(np.zeros((4, 8, 8), np.float32), mpp=0.5)
-    with pytest.raises(ValueError, match="C = 2 or 3"):
+    with pytest.raises(ValueError, match="C = 2, 3 or 4"):
+        label_instances(np.zeros((5, 8, 8), np.float32), mpp=0.5)
+    with pytest.raises(ValueError, match="C = 2, 3 or 4"):
         label_instances(np.zeros((8, 8), np.float32), mpp=0.5)
     with pytest.raises(ValueError, match="floating-point"):
         label_instances(np.zeros((3, 8, 8), np.uint8), mpp=0.5)

@@ -196,3 +196,14 @@ def test_paper_preset_with_two_datasets_is_a_usage_error(monuseg, tmp_path):
         "error: the paper preset trains on one dataset (give --data once)"
     ]
     assert not out.exists()
+
+
+def test_distance_map_with_binary_is_a_usage_error(monuseg, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(monuseg), "--binary", "--distance-map", "--out", str(out)]
+    result = run(args)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: --distance-map needs the three classes (drop --binary)"
+    ]
+    assert not out.exists()

@@ -208,3 +208,26 @@ def test_train_cli_records_the_precision(monuseg, tmp_path):
     assert record["precision"] == "bf16"
     assert load_bundle(out / "best.safetensors").meta["precision"] == "bf16"
     assert training_state(out)["precision"] == "bf16"
+
+
+def test_distance_head_run_from_a_class_model(monuseg, tmp_path):
+    """``--distance-map --init <class model>``: the class weights are inherited, the distance
+    loss is logged and falls, and the saved bundle predicts four channels."""
+    from cellseg.checkpoint import save_bundle
+    from cellseg.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    base_cfg = ModelConfig.tiny()
+    init = tmp_path / "classes.safetensors"
+    save_bundle(init, build_model(base_cfg), base_cfg, {"mpp": 0.25, "tile_px": 224})
+    out = tmp_path / "distance"
+    opts = options(
+        monuseg, out, preset="wsi", mpp=0.25, epochs=2, distance_head=True, init_from=str(init)
+    )
+    train(opts, progress=False)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["loss_distance"] < records[0]["loss_distance"]
+    bundle = load_bundle(out / "last.safetensors")
+    assert bundle.config.distance_head and bundle.config.output_channels == 4
+    probs = Predictor(bundle, device="cpu", precision="fp32")(np.zeros((1, 224, 224, 3), np.uint8))
+    assert probs.shape == (1, 4, 224, 224)
