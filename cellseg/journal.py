@@ -20,63 +20,16 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import shapely
-
 from .atomic import write_atomic
+from .records import NucleusRecord
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
 NUCLEI = "nuclei.jsonl"
-
-
-@dataclass
-class NucleusRecord:
-    """One exported nucleus.
-
-    Attributes:
-        id: global instance id, the value of its pixels in the Zarr ``labels/nuclei``.
-        polygon: outline in QuPath level-0 pixel coordinates (valid at 0.01 px).
-        measurements: QuPath measurements (area µm², perimeter µm, probability, ...).
-        cell: the cell's outline grown from the nucleus (``--object-type cell``), or None.
-    """
-
-    id: int
-    polygon: shapely.Polygon
-    measurements: dict[str, float]
-    cell: shapely.Polygon | None = None
-
-    def to_json(self) -> str:
-        data = {
-            "id": self.id,
-            "rings": _rings(self.polygon),
-            "measurements": self.measurements,
-        }
-        if self.cell is not None:
-            data["cell_rings"] = _rings(self.cell)
-        return json.dumps(data, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, line: str) -> NucleusRecord:
-        data = json.loads(line)
-        rings = data["rings"]
-        cell = data.get("cell_rings")
-        # JSON round-trips Python floats exactly, so the polygon is the one that was written.
-        return cls(
-            int(data["id"]),
-            shapely.Polygon(rings[0], rings[1:]),
-            data["measurements"],
-            shapely.Polygon(cell[0], cell[1:]) if cell else None,
-        )
-
-
-def _rings(polygon: shapely.Polygon) -> list[list[list[float]]]:
-    rings = [polygon.exterior.coords, *(r.coords for r in polygon.interiors)]
-    return [[list(xy) for xy in ring] for ring in rings]
 
 
 class Journal:

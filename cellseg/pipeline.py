@@ -9,11 +9,16 @@ holds more than a few blocks:
 2. **inference** (the calling thread, :class:`_Batcher`): 224 px tiles are cut from the blocks
    in memory and run through the predictor in batches that span blocks;
 3. **post-processing** (one thread, :class:`_PostProcessor`): tile probabilities are blended
-   into final cells (:mod:`cellseg.stitch`) and written to Zarr (:mod:`cellseg.store`); each
-   region, as soon as its block is done (:meth:`cellseg.tiling.TileLayout.region_blocks`), is
-   labelled on core + halo (in ``label_workers`` processes when there are cores to spare), keeps
-   the nuclei it owns (:mod:`cellseg.nuclei`), and is committed in raster order: ids,
-   ``labels``, GeoJSON, journal.
+   into final cells (:mod:`cellseg.stitch`) and written to the float32 working canvas
+   (:class:`WorkingCanvas`); each region, as soon as its block is done
+   (:meth:`cellseg.tiling.TileLayout.region_blocks`), is labelled on core + halo from the canvas
+   (in ``label_workers`` processes when there are cores to spare), keeps the nuclei it owns
+   (:mod:`cellseg.nuclei`), gets its global ids and is handed, in raster order, to the
+   :class:`RegionSink` as one :class:`~cellseg.records.RegionCommit`.
+
+The runner knows no file format: where the canvas lives and what the sinks write (GeoJSON, Zarr
+labels, the journal: :mod:`cellseg.sinks`) is the caller's choice, and data flows one way, from
+the slide through the stages into the sinks.
 
 Every stage records where its time went (:class:`PipelineStats`: busy and waiting seconds), so
 that a pipeline slower than its slowest stage can be explained from the run summary.
@@ -30,21 +35,19 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from .geojson import GeoJSONWriter
-from .journal import Journal, NucleusRecord
 from .nuclei import LABEL_KEY, RegionJob, RegionNuclei, extract_region
 from .planning import SlidePlan, TilePredictor
 from .readahead import ReadRequest, RegionReader, SlideSource
+from .records import NucleusRecord, RegionCommit, ResumePoint
 from .stitch import Stitcher
-from .store import PredictionStore
 from .tiling import Box, TileLayout
 from .workers import start_pool
 
@@ -56,6 +59,42 @@ QUEUE_MESSAGES = 8  # tile batches and block completions waiting for post-proces
 def default_workers() -> int:
     """Reader processes: half the CPU cores (the model and post-processing need the rest), 1-4."""
     return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+class WorkingCanvas(Protocol):
+    """Where the runner keeps the blended probabilities and the slide's pixels over the whole
+    canvas until the regions that read them are labelled (:class:`cellseg.store.PredictionStore`
+    is one). ``read_float`` must return exactly what ``write_cells`` was given: labelling from a
+    lossy copy would make the nuclei depend on where the regions fall."""
+
+    def write_cells(self, cells: Sequence[tuple[Box, np.ndarray]]) -> None:
+        """Stores the final ``C×h×w`` float32 probabilities of disjoint canvas boxes."""
+
+    def read_float(self, box: Box) -> np.ndarray:
+        """The ``C×h×w`` float32 probabilities of a canvas box, bit for bit as written."""
+
+    def write_pixels(self, box: Box, rgb: np.ndarray) -> None:
+        """Stores the slide's ``h×w×3`` uint8 pixels of a canvas box."""
+
+    def read_pixels(self, box: Box) -> np.ndarray | None:
+        """The slide's pixels of a canvas box (white where none were written), or None when
+        the canvas keeps none."""
+
+
+class RegionSink(Protocol):
+    """What receives the results: each region once, in raster order, after the earlier ones.
+
+    A run that is interrupted and resumed hands a sink the regions after
+    :class:`~cellseg.records.ResumePoint`'s prefix again, possibly one it had already received
+    (the one in progress when the run died), so committing a region twice must give the same
+    outputs."""
+
+    @property
+    def wants_labels(self) -> bool:
+        """Whether :attr:`RegionCommit.labels` is needed (the watershed keeps its label map)."""
+
+    def commit_region(self, region: RegionCommit) -> None:
+        """Takes one region's nuclei (and label map); raises to stop the run."""
 
 
 @dataclass
@@ -80,7 +119,7 @@ class PipelineStats:
     stitch_busy_s: float = 0.0  # blending and probability writes
     label_busy_s: float = 0.0  # labelling inline, or reading windows and submitting them
     label_wait_s: float = 0.0  # waiting for labelling processes
-    commit_busy_s: float = 0.0  # ids, label writes, GeoJSON, journal
+    commit_busy_s: float = 0.0  # ids and the sinks' commits (labels, GeoJSON, journal)
     tail_s: float = 0.0  # after the last model call
 
     @property
@@ -117,7 +156,7 @@ class _PostProcessor:
     Runs in its own thread, fed in block raster order by :class:`_PostThread`. Labelling (the
     CPU-heavy watershed and polygon work, :func:`cellseg.nuclei.extract_region`) runs inline or
     in ``label_workers`` processes; results are committed strictly in region order, which makes
-    the nucleus ids, the Zarr labels and the journal independent of timing. A region is
+    the nucleus ids and whatever the sink writes independent of timing. A region is
     submitted as soon as the blocks its window depends on are done, which is right after its
     own block (:meth:`cellseg.tiling.TileLayout.region_blocks`).
     """
@@ -125,9 +164,9 @@ class _PostProcessor:
     def __init__(
         self,
         plan: SlidePlan,
-        store: PredictionStore,
-        journal: Journal,
-        writer: GeoJSONWriter | None,
+        canvas: WorkingCanvas,
+        sink: RegionSink,
+        resume: ResumePoint,
         active: np.ndarray,
         weights: np.ndarray,
         label_workers: int,
@@ -137,17 +176,21 @@ class _PostProcessor:
         self.plan = plan
         self.stats = stats
         self.layout = plan.layout
-        self.store = store
-        self.journal = journal
-        self.writer = writer
+        self.canvas = canvas
+        self.sink = sink
+        self.keep_labels = bool(sink.wants_labels)
         self.on_region = on_region
         self.started = time.monotonic()
-        self.base_seconds = float(journal.counters.get("seconds", 0.0))
+        self.base_seconds = float(resume.counters.get("seconds", 0.0))
+        # Committed so far (the resumed prefix, then this run's regions).
+        self.regions_done = resume.regions_done
+        self.next_id = resume.next_id
+        self.counters = dict(resume.counters)
         self.stitcher = Stitcher(plan.layout, plan.num_classes, weights, active)
         self.done = np.zeros(plan.layout.n_blocks_yx, dtype=bool)
         self.regions = list(plan.layout.blocks())
         self.region_blocks = [plan.layout.region_blocks(*r) for r in self.regions]
-        self.next_region = journal.regions_done  # next region to submit
+        self.next_region = resume.regions_done  # next region to submit
         counts = plan.block_tile_counts
         # Regions with nothing to label: glass only, or outside the ROI (the canvas margin).
         self.region_has_tiles = [
@@ -172,12 +215,12 @@ class _PostProcessor:
             y1, x1 = min(y1, oy + image.shape[0]), min(x1, ox + image.shape[1])
             if y1 > y0 and x1 > x0:
                 crop = image[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
-                self.store.write_pixels((y0, y1, x0, x1), crop)
+                self.canvas.write_pixels((y0, y1, x0, x1), crop)
 
     def finish_block(self, block: tuple[int, int]) -> None:
         with _timed(self.stats, "stitch_busy_s"):
             cells = self.stitcher.finish_block(block)
-            self.store.write_cells([(cell.box, cell.probs) for cell in cells])
+            self.canvas.write_cells([(cell.box, cell.probs) for cell in cells])
         self.done[block] = True
         self._submit_ready_regions()
 
@@ -185,9 +228,9 @@ class _PostProcessor:
         self._submit_ready_regions()
         while self.in_flight:
             self._commit_next()
-        if self.journal.regions_done != len(self.regions):
+        if self.regions_done != len(self.regions):
             raise RuntimeError(
-                f"{self.journal.regions_done} of {len(self.regions)} regions labelled at the end"
+                f"{self.regions_done} of {len(self.regions)} regions labelled at the end"
             )
         self.close()
 
@@ -228,30 +271,38 @@ class _PostProcessor:
             scale=plan.canvas.scale,
             offset_xy=plan.qupath_offset_xy,
             slide_mpp=plan.slide_mpp,
-            keep_labels=self.store.has_labels,
+            keep_labels=self.keep_labels,
             cell_expansion_px=plan.cell_expansion_px,
             rejection=plan.rejection,
         )
-        probs = self.store.read_float(window)  # lossless: never the uint8 viewing copy
-        rgb = self.store.read_pixels(window)
+        probs = self.canvas.read_float(window)  # lossless: never the uint8 viewing copy
+        rgb = self.canvas.read_pixels(window)
         if self.pool is None:
             return extract_region(probs, job, rgb)
         return self.pool.submit(extract_region, probs, job, rgb)
 
     def _commit_next(self) -> None:
-        """Gives the oldest region's nuclei their ids and writes them everywhere, in order."""
+        """Gives the oldest region's nuclei their ids and hands them to the sink, in order."""
         region, pending = self.in_flight.popleft()
         with _timed(self.stats, "label_wait_s"):
             result = pending.result() if isinstance(pending, Future) else pending
         with _timed(self.stats, "commit_busy_s"):
-            self._commit(region, result)
+            commit = self._region_commit(region, result)
+            self.sink.commit_region(commit)
+        # Only once the sink has it: a failed commit leaves the region to a resumed run.
+        self.regions_done += 1
+        self.next_id = commit.next_id
+        self.counters = commit.counters
         if self.on_region is not None:
-            self.on_region(self.journal.regions_done, len(self.regions))
+            self.on_region(self.regions_done, len(self.regions))
 
-    def _commit(self, region: tuple[int, int], result: RegionNuclei | None) -> None:
-        first_id = self.journal.next_id
+    def _region_commit(self, region: tuple[int, int], result: RegionNuclei | None) -> RegionCommit:
+        """The region's nuclei with global ids (in label order), its global label map and the
+        running counters after it."""
+        first_id = self.next_id
         records: list[NucleusRecord] = []
-        dropped = 0
+        labels = None
+        dropped = rejected = 0
         if result is not None:
             for offset, (local, polygon, measurements) in enumerate(result.nuclei):
                 label_id = first_id + offset
@@ -261,32 +312,22 @@ class _PostProcessor:
                 lut = np.zeros(int(result.labels.max()) + 1, dtype=np.uint32)
                 for record, (local, _, _) in zip(records, result.nuclei, strict=True):
                     lut[local] = record.id
-                window = self.layout.region_window(*region)
-                self.store.write_labels(window, lut[result.labels], first_id)
-            dropped = result.dropped
-        if self.writer is not None:
-            for record in records:
-                write_feature(self.writer, record)
-        counters = dict(self.journal.counters)
+                labels = lut[result.labels]
+            dropped, rejected = result.dropped, result.rejected
+        counters = dict(self.counters)
         counters["dropped"] = counters.get("dropped", 0) + dropped
-        if result is not None and result.rejected:
-            counters["rejected"] = counters.get("rejected", 0) + result.rejected
+        if rejected:
+            counters["rejected"] = counters.get("rejected", 0) + rejected
         counters["seconds"] = self.base_seconds + time.monotonic() - self.started
-        self.journal.record_region(records, first_id + len(records), counters)
-
-
-def feature_key(record: NucleusRecord) -> str:
-    """What identifies a nucleus within its slide's results, for its GeoJSON feature id: its
-    label id and the integer centre of its outline's bounds (exact: vertices are on the 0.01
-    grid), so that two runs of the same slide and options give the same ids, and nuclei of
-    different runs only share an id when they are the same nucleus at the same place."""
-    x0, y0, x1, y1 = record.polygon.bounds
-    return f"{record.id}:{math.floor((x0 + x1) / 2)},{math.floor((y0 + y1) / 2)}"
-
-
-def write_feature(writer: GeoJSONWriter, record: NucleusRecord) -> None:
-    """Writes a committed nucleus (and its cell, if any) as one Feature."""
-    writer.write(record.polygon, record.measurements, cell=record.cell, key=feature_key(record))
+        return RegionCommit(
+            index=self.regions_done,
+            window=self.layout.region_window(*region),
+            first_id=first_id,
+            nuclei=records,
+            labels=labels,
+            next_id=first_id + len(records),
+            counters=counters,
+        )
 
 
 def _non_empty(box: Box) -> bool:
@@ -542,9 +583,9 @@ def run_pipeline(
     plan: SlidePlan,
     predictor: TilePredictor,
     settings: PipelineSettings,
-    store: PredictionStore,
-    journal: Journal,
-    writer: GeoJSONWriter | None = None,
+    canvas: WorkingCanvas,
+    sink: RegionSink,
+    resume: ResumePoint | None = None,
     *,
     reader: RegionReader | None = None,
     progress: bool = False,
@@ -552,10 +593,15 @@ def run_pipeline(
 ) -> PipelineStats:
     """Reads, predicts and post-processes every block that the unfinished regions need.
 
-    On return every region is committed to ``journal`` (and ``writer``/``store``). On an error
-    the stages are stopped and the journal keeps what was committed.
+    On return every region after ``resume``'s prefix has been handed to ``sink``. On an error
+    the stages are stopped; what the sink committed stays committed.
 
     Args:
+        canvas: the float32 working canvas (the slide's whole canvas) that regions are
+            labelled from.
+        sink: receives every region's nuclei, in raster order (:mod:`cellseg.sinks`).
+        resume: the regions an interrupted run committed, its next id and counters; None:
+            a fresh run.
         reader: a read-ahead of this slide (``settings.workers`` workers, opened with
             ``settings.mpp_override``) that the caller started early and closes; None: one is
             opened and closed here.
@@ -568,11 +614,12 @@ def run_pipeline(
     started = time.perf_counter()
     stats = PipelineStats()
     layout = plan.layout
-    active = _active_blocks(layout, journal.regions_done)
+    resume = resume or ResumePoint()
+    active = _active_blocks(layout, resume.regions_done)
     jobs = block_jobs(plan, active)
     weights = plan.blend_weights()
     post = _PostProcessor(
-        plan, store, journal, writer, active, weights, settings.label_workers, on_region, stats
+        plan, canvas, sink, resume, active, weights, settings.label_workers, on_region, stats
     )
     thread = _PostThread(post, maxsize=QUEUE_MESSAGES)
     batcher = _Batcher(predictor, layout, settings.batch_size, thread, stats)

@@ -3,21 +3,24 @@
 The first of the three parts of whole-slide prediction (issue 11 point 5): *planning* decides
 everything before a tile is run (:class:`PredictOptions` -> :func:`plan_slide` ->
 :class:`SlidePlan`: canvas on the slide's tile grid, layout, tissue tiles, ROI ownership, model
-identity); the *runner* (:mod:`cellseg.pipeline`) reads, infers, stitches and labels; the outputs
-(:mod:`cellseg.predict`, :mod:`cellseg.store`, :mod:`cellseg.geojson`, :mod:`cellseg.journal`)
-own the writes. Reads only a thumbnail of the slide (and hashes the slide file).
+identity) and what a resumed run must share with the one it resumes (:func:`resume_fingerprint`);
+the *runner* (:mod:`cellseg.pipeline`) reads, infers, stitches and labels; the *sinks*
+(:mod:`cellseg.sinks`: GeoJSON, Zarr, journal, overlay) own the writes, and
+:mod:`cellseg.predict` orchestrates the three. Reads only a thumbnail of the slide (and hashes
+the slide file).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from . import __version__
 from .errors import CellsegError, SlideError
 from .geojson import OBJECT_TYPES
 from .instances import PostProcess
@@ -226,6 +229,42 @@ class SlidePlan:
 
     def processed_area_mm2(self) -> float:
         return self.area_xywh[2] * self.area_xywh[3] * (self.slide_mpp / 1000.0) ** 2
+
+    def rejection_entry(self) -> dict[str, Any]:
+        """``{"rejection": ...}`` for provenance, fingerprint and Zarr attributes when the model
+        has a learned rejection, else nothing (so results of models without one are described
+        exactly as before)."""
+        return {} if self.rejection is None else {"rejection": self.rejection.to_dict()}
+
+
+def resume_fingerprint(
+    plan: SlidePlan, options: PredictOptions, *, zarr_path: Path, with_labels: bool
+) -> dict[str, Any]:
+    """What must be equal for a journal to be resumed (inputs, model, geometry, outputs):
+    ``zarr_path`` is where the partial Zarr is built, ``with_labels`` whether it is an output."""
+    stat = plan.slide_path.stat()
+    return {
+        "cellseg": __version__,
+        "slide": str(plan.slide_path.resolve()),
+        "slide_size": stat.st_size,
+        "slide_mtime_ns": stat.st_mtime_ns,
+        "backend": plan.backend,
+        "slide_mpp": plan.slide_mpp,
+        "model": [plan.model_name, plan.model_sha256, plan.model_mpp, plan.num_classes, plan.tta],
+        # bf16 and fp32 probabilities differ slightly: a partial run is finished in its precision.
+        "precision": plan.precision,
+        "canvas": asdict(plan.canvas),
+        "layout": asdict(plan.layout),
+        # Region geometry: a journal of an older version with other region cores must not resume.
+        "regions": "block cores shifted up and left by halo_px",
+        "tiling": [TILING_SCHEME, plan.blending, list(plan.grid_offset_xy), plan.owned_box],
+        "tissue": [options.tissue_mask, options.tissue_mpp],
+        "postprocess": plan.postprocess.to_dict(),
+        **plan.rejection_entry(),
+        "cell_expansion_px": plan.cell_expansion_px,  # the journal holds the cells' outlines
+        "zarr": str(Path(zarr_path).resolve()),
+        "with_labels": with_labels,
+    }
 
 
 def processing_area(

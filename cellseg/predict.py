@@ -1,10 +1,11 @@
-"""Whole-slide prediction of one slide: planning, outputs, resume, summary.
+"""Whole-slide prediction of one slide: the orchestration of planning, runner and sinks.
 
 :func:`predict_slide` is the library entry point behind ``cellseg predict`` (and the
-benchmarks). It opens the slide, decides the canvas at the model's mpp, the tiles and which of
-them touch tissue (:func:`plan_slide`), opens or resumes the slide's journal and partial Zarr,
-runs the concurrent stages of :mod:`cellseg.pipeline`, and finally moves every output to its
-name: GeoJSON for QuPath, OME-Zarr (probability and label pyramids), overlay picture, JSON summary.
+benchmarks). It locks the slide's outputs, skips a run whose outputs and provenance already
+match, opens the slide and plans it (:func:`plan_slide`), opens or resumes the slide's journal
+and its sinks (:mod:`cellseg.sinks`), runs the concurrent stages of :mod:`cellseg.pipeline` into
+them, writes the summary and finally publishes every output under its name: GeoJSON for QuPath,
+OME-Zarr (probability and label pyramids), overlay picture, JSON summary.
 
 A run that is killed resumes from its journal (:mod:`cellseg.journal`): regions are committed in
 raster order, so the completed ones are a prefix, and only the blocks that unfinished regions
@@ -30,7 +31,6 @@ from typing import Any
 from . import __version__
 from .atomic import staged_name
 from .errors import CellsegError, OutputError, SlideError
-from .geojson import GeoJSONWriter, feature_namespace
 from .journal import Journal, _test_hook, remove_work_dir
 from .outputs import (
     SlideLock,
@@ -42,14 +42,13 @@ from .outputs import (
     read_json,
     write_json_atomic,
 )
-from .overlay import draw_overlay, overlay_format
+from .overlay import overlay_format
 from .pipeline import (
     PipelineSettings,
     PipelineStats,
     default_label_workers,
     default_workers,
     run_pipeline,
-    write_feature,
 )
 from .planning import (  # re-exported: the library's entry points live here
     TILING_SCHEME,
@@ -60,11 +59,19 @@ from .planning import (  # re-exported: the library's entry points live here
     plan_slide,
     postprocess_for,
     processing_area,
+    resume_fingerprint,
 )
 from .readahead import RegionReader, SlideSource
 from .rejection import rejection_of
+from .sinks import (
+    ZARR_FORMAT_VERSION,
+    GeoJSONSink,
+    JournalSink,
+    OverlaySink,
+    RegionFanOut,
+    ZarrSink,
+)
 from .slide import Slide, open_slide
-from .store import PredictionStore
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +86,6 @@ __all__ = [
     "run_provenance",
 ]
 
-ZARR_FORMAT_VERSION = 2  # 2: OME-NGFF 0.4 layout (Zarr v2); 1 was a flat Zarr v3 group
 # Recorded in the provenance: outputs of an older layout (flat Zarr v3, ``Area µm^2``
 # measurements, random feature ids) are not "the same run", so they are not skipped.
 OUTPUT_FORMAT = ZARR_FORMAT_VERSION
@@ -168,97 +174,12 @@ class SlideOutputs:
         ]
 
 
-# ------------------------------------------------------------------------------------- planning
+# ------------------------------------------------------------------------ provenance, summary
 
 
 def _model_rejection_entry(predictor: TilePredictor) -> dict[str, Any]:
     rejection = rejection_of(getattr(getattr(predictor, "bundle", None), "meta", None))
     return {} if rejection is None else {"rejection": rejection.to_dict()}
-
-
-def _rejection_entry(plan: SlidePlan) -> dict[str, Any]:
-    """``{"rejection": ...}`` for provenance when the model has a learned rejection, else
-    nothing (so results of models without one are described exactly as before)."""
-    return {} if plan.rejection is None else {"rejection": plan.rejection.to_dict()}
-
-
-def _fingerprint(plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs) -> dict:
-    """What must be equal for a journal to be resumed (inputs, model, geometry, outputs)."""
-    stat = plan.slide_path.stat()
-    return {
-        "cellseg": __version__,
-        "slide": str(plan.slide_path.resolve()),
-        "slide_size": stat.st_size,
-        "slide_mtime_ns": stat.st_mtime_ns,
-        "backend": plan.backend,
-        "slide_mpp": plan.slide_mpp,
-        "model": [plan.model_name, plan.model_sha256, plan.model_mpp, plan.num_classes, plan.tta],
-        # bf16 and fp32 probabilities differ slightly: a partial run is finished in its precision.
-        "precision": plan.precision,
-        "canvas": asdict(plan.canvas),
-        "layout": asdict(plan.layout),
-        # Region geometry: a journal of an older version with other region cores must not resume.
-        "regions": "block cores shifted up and left by halo_px",
-        "tiling": [TILING_SCHEME, plan.blending, list(plan.grid_offset_xy), plan.owned_box],
-        "tissue": [options.tissue_mask, options.tissue_mpp],
-        "postprocess": plan.postprocess.to_dict(),
-        **_rejection_entry(plan),
-        "cell_expansion_px": plan.cell_expansion_px,  # the journal holds the cells' outlines
-        "zarr": str(outputs.zarr_partial.resolve()),
-        "with_labels": outputs.zarr is not None,
-    }
-
-
-BLENDING_NAMES = {
-    "centre": "centre-weighted mean (cellseg.tiling.centre_weights)",
-    "linear": "taper-weighted mean (cellseg.tiling.blend_weights)",
-}
-
-
-def zarr_attributes(plan: SlidePlan) -> dict[str, Any]:
-    """Attributes of the output group: geometry, model, tiling and versions."""
-    layout = plan.layout
-    y0, _, x0, _ = plan.output_box  # the image covers the processed area (the ROI), not the tiles
-    return {
-        "cellseg_zarr_format": ZARR_FORMAT_VERSION,
-        "cellseg_version": __version__,
-        "slide": str(plan.slide_path),
-        "slide_sha256": plan.slide_sha256,
-        "mpp": plan.model_mpp,
-        "slide_mpp": plan.slide_mpp,
-        "mpp_source": plan.mpp_source,
-        "scale_to_level0": plan.canvas.scale,
-        "origin_xy_level0": list(plan.canvas.level0_xy(x0, y0)),
-        "bounds_xy": list(plan.bounds_xy),
-        "pixel_convention": (
-            "array pixel (y, x) covers level-0 [origin + x·scale, origin + (x+1)·scale) "
-            "horizontally (likewise y); QuPath coordinates = level-0 - bounds_xy[:2]"
-        ),
-        "model": {
-            "name": plan.model_name,
-            "sha256": plan.model_sha256,
-            "tta": plan.tta,
-            "precision": plan.precision,
-        },
-        "num_classes": plan.num_classes,
-        "postprocess": plan.postprocess.to_dict(),
-        **_rejection_entry(plan),
-        "tiling": {
-            "tile_px": layout.tile_px,
-            "overlap_px": layout.overlap_px,
-            "stride_px": layout.stride_px,
-            "region_px": layout.block_px,
-            "halo_px": layout.halo_px,
-            "blending": BLENDING_NAMES[plan.blending],
-            "grid": "tiles on the slide's grid: starts at bounds origin + (offset + k·stride)",
-            "grid_offset_px": list(plan.grid_offset_xy),
-            "ownership": "nucleus kept by the region containing its centroid",
-        },
-        "probability": "levels 0, 1, ...: nucleus probability (p_interior + p_boundary) x 255, "
-        "uint8, OME-NGFF multiscales",
-        "labels": "labels/nuclei/0, 1, ...: instance ids, uint32, 0 = background; "
-        "= GeoJSON measurement 'Label'",
-    }
 
 
 def _versions() -> dict[str, str]:
@@ -375,34 +296,27 @@ def _summary(
             "precision": plan.precision,
             "device": str(getattr(predictor, "device", "unknown")),
             "postprocess": plan.postprocess.to_dict(),
-            **_rejection_entry(plan),
+            **plan.rejection_entry(),
         },
         "versions": _versions(),
         "outputs": {k: str(v) for k, v in asdict(outputs).items() if v is not None},
     }
 
 
-def _open_store(
+def _open_zarr(
     plan: SlidePlan, options: PredictOptions, outputs: SlideOutputs, journal: Journal
-) -> PredictionStore:
+) -> ZarrSink:
     """The partial Zarr group: reopened when resuming, else created (restarting the journal
-    if its group went missing)."""
-    canvas_hw = (plan.layout.height_px, plan.layout.width_px)
+    if its group went missing: the journal's prefix must be in the labels)."""
+    output = outputs.zarr is not None  # else the group is only working state
     if journal.resumed:
-        store = PredictionStore.open(outputs.zarr_partial, canvas_hw, plan.output_box)
-        if store is not None:
-            return store
+        sink = ZarrSink.reopen(outputs.zarr_partial, plan, output=output)
+        if sink is not None:
+            return sink
         log.warning("%s: partial Zarr missing; starting this slide afresh", outputs.zarr_partial)
         journal.restart()
-    return PredictionStore.create(
-        outputs.zarr_partial,
-        canvas_hw,
-        num_classes=plan.num_classes,
-        with_labels=outputs.zarr is not None,
-        chunk_px=options.chunk_px or plan.layout.block_px,
-        attrs=zarr_attributes(plan),
-        output_box=plan.output_box,
-    )
+    chunk_px = options.chunk_px or plan.layout.block_px
+    return ZarrSink.create(outputs.zarr_partial, plan, output=output, chunk_px=chunk_px)
 
 
 def _predict_planned(
@@ -417,44 +331,32 @@ def _predict_planned(
     started: float,
     reader: RegionReader,
 ) -> dict[str, Any]:
-    """Runs the unfinished regions and writes every output under its staged (partial) name."""
-    store = _open_store(plan, options, outputs, journal)
+    """Runs the unfinished regions into the sinks and stages every output (partial names)."""
+    zarr = _open_zarr(plan, options, outputs, journal)
     stats = _RunStats(base_seconds=float(journal.counters.get("seconds", 0.0)))
-    settings = pipeline_settings(options)
+    journal_sink = JournalSink(journal)
     with contextlib.ExitStack() as stack:
-        writer = None
+        sinks: list[Any] = [zarr]  # labels first, then GeoJSON, the journal last
         if outputs.geojson is not None:
-            namespace = feature_namespace(plan.slide_sha256) if plan.slide_sha256 else None
-            writer = stack.enter_context(
-                GeoJSONWriter(
-                    outputs.geojson, options.object_type, id_namespace=namespace, publish=False
-                )
-            )
-            for record in journal.nuclei():  # replay what an interrupted run committed
-                write_feature(writer, record)
+            geojson = GeoJSONSink(outputs.geojson, options.object_type, plan.slide_sha256)
+            stack.enter_context(geojson)
+            geojson.replay(journal.nuclei())  # what an interrupted run committed
+            sinks.append(geojson)
         stats.pipeline = run_pipeline(
             plan,
             predictor,
-            settings,
-            store,
-            journal,
-            writer,
+            pipeline_settings(options),
+            zarr.store,
+            RegionFanOut(sinks, journal_sink),
+            journal_sink.resume_point(),
             reader=reader,
             progress=progress,
             on_region=on_region,
         )
-    if outputs.zarr is not None:  # else the group is only working state, removed with the journal
-        store.finish({"nuclei": journal.next_id - 1})
+    zarr.stage(journal.next_id - 1)
     if outputs.overlay is not None:
-        outlines = (record.polygon for record in journal.nuclei())
-        draw_overlay(
-            slide,
-            plan.area_xywh,
-            outlines,
-            outputs.overlay,
-            max_px=options.overlay_max_px,
-            publish=False,
-        )
+        overlay = OverlaySink(slide, plan.area_xywh, outputs.overlay, max_px=options.overlay_max_px)
+        overlay.stage(journal.nuclei())
     stats.session_seconds = time.monotonic() - started
     summary = _summary(plan, options, outputs, journal, stats, predictor)
     for warning in summary["warnings"]:
@@ -702,7 +604,10 @@ def _predict_locked(
         )
         for path in outputs.paths():
             path.parent.mkdir(parents=True, exist_ok=True)
-        journal = Journal.open(outputs.work_dir, _fingerprint(plan, options, outputs))
+        fingerprint = resume_fingerprint(
+            plan, options, zarr_path=outputs.zarr_partial, with_labels=outputs.zarr is not None
+        )
+        journal = Journal.open(outputs.work_dir, fingerprint)
         stack.callback(journal.close)  # also when interrupted: the file stays for resuming
         try:
             summary = _predict_planned(
