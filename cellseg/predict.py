@@ -339,7 +339,7 @@ def _predict_planned(
         sinks: list[Any] = [zarr]  # labels first, then GeoJSON, the journal last
         if outputs.geojson is not None:
             geojson = GeoJSONSink(outputs.geojson, options.object_type, plan.slide_sha256)
-            stack.enter_context(geojson)
+            stack.enter_context(geojson.writer)
             geojson.replay(journal.nuclei())  # what an interrupted run committed
             sinks.append(geojson)
         stats.pipeline = run_pipeline(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from . import __version__
@@ -111,9 +110,9 @@ def write_feature(writer: GeoJSONWriter, record: NucleusRecord) -> None:
 class GeoJSONSink:
     """The nuclei as a QuPath FeatureCollection, staged at ``<path>.partial``.
 
-    A context manager: a clean exit leaves the complete file staged for ``predict``'s publish,
-    an exception deletes it. Feature ids are ``uuid5`` of the slide's content hash and
-    :func:`feature_key` (random without a hash).
+    Its :attr:`writer` is the context to enter (one lifecycle, the writer's own): a clean exit
+    leaves the complete file staged for ``predict``'s publish, an exception deletes it. Feature
+    ids are ``uuid5`` of the slide's content hash and :func:`feature_key` (random without a hash).
     """
 
     wants_labels = False
@@ -121,18 +120,6 @@ class GeoJSONSink:
     def __init__(self, path: Path, object_type: str, slide_sha256: str | None) -> None:
         namespace = feature_namespace(slide_sha256) if slide_sha256 else None
         self.writer = GeoJSONWriter(path, object_type, id_namespace=namespace, publish=False)
-
-    def __enter__(self) -> GeoJSONSink:
-        self.writer.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.writer.__exit__(exc_type, exc, tb)
 
     def replay(self, records: Iterable[NucleusRecord]) -> None:
         """Writes the nuclei an interrupted run committed (the journal's), before new regions."""
