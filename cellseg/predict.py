@@ -16,6 +16,7 @@ an expected failure (unreadable slide, unknown mpp) leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -182,11 +183,18 @@ def _model_rejection_entry(predictor: TilePredictor) -> dict[str, Any]:
     return {} if rejection is None else {"rejection": rejection.to_dict()}
 
 
-def _versions() -> dict[str, str]:
-    versions = {"cellseg": __version__, "python": platform.python_version()}
+@functools.cache  # installed versions do not change within a process; evaluate asks per tile
+def _package_versions() -> tuple[tuple[str, str], ...]:
+    versions = []
     for package in ("numpy", "zarr", "shapely", "scikit-image", "openslide-python", "tiffslide"):
         with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
+            versions.append((package, metadata.version(package)))
+    return tuple(versions)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"cellseg": __version__, "python": platform.python_version()}
+    versions.update(_package_versions())
     torch = sys.modules.get("torch")
     if torch is not None:
         versions["torch"] = torch.__version__

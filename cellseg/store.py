@@ -79,18 +79,29 @@ class PredictionStore:
         has_pixels: whether the working ``rgb`` array exists (until :meth:`finish`).
     """
 
-    def __init__(self, path: Path, group: zarr.Group, output_box: Box | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        group: zarr.Group,
+        output_box: Box | None = None,
+        arrays: dict[str, zarr.Array] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.group = group
         # Canvas box that the image and labels cover (an ROI inside a larger canvas of whole
         # tiles); the working arrays cover the whole canvas. None: the whole canvas.
         self.output_box = output_box
         # Opened once: looking an array up in the group reads its metadata from disk each time.
-        self._arrays = {
-            name: group[name]
-            for name in (PROBABILITY, LABELS, BACKGROUND, INTERIOR, DISTANCE, PIXELS)
-            if _has(group, name)
-        }
+        # ``arrays``: the ones :meth:`create` just made (no need to read them back).
+        self._arrays = (
+            arrays
+            if arrays is not None
+            else {
+                name: group[name]
+                for name in (PROBABILITY, LABELS, BACKGROUND, INTERIOR, DISTANCE, PIXELS)
+                if _has(group, name)
+            }
+        )
         self.has_labels = LABELS in self._arrays
         self.has_float = BACKGROUND in self._arrays
         self.has_interior = INTERIOR in self._arrays
@@ -119,20 +130,24 @@ class PredictionStore:
         chunks = (min(chunk_px, canvas_hw[0]), min(chunk_px, canvas_hw[1]))
         out_hw = _box_hw(output_box) if output_box is not None else tuple(canvas_hw)
         out_chunks = (min(chunk_px, out_hw[0]), min(chunk_px, out_hw[1]))
-        _create(group, PROBABILITY, out_hw, out_chunks, "uint8")
+        arrays = {PROBABILITY: _create(group, PROBABILITY, out_hw, out_chunks, "uint8")}
         if with_labels:
-            _create(group, LABELS, out_hw, out_chunks, "uint32")
+            arrays[LABELS] = _create(group, LABELS, out_hw, out_chunks, "uint32")
         names = [(BACKGROUND, "float32")]
         if num_classes >= 3:
             names.append((INTERIOR, "float32"))
         if num_classes == 4:
             names.append((DISTANCE, "float32"))
         for name, dtype in names:
-            _create(group, name, canvas_hw, chunks, dtype)
+            arrays[name] = _create(group, name, canvas_hw, chunks, dtype)
         # White outside the tissue tiles that are read: optical density 0 there.
-        _create(group, PIXELS, (*canvas_hw, 3), (*chunks, 3), "uint8", 255, _FAST_COMPRESSOR)
-        group.attrs.update({**(attrs or {}), "complete": False})
-        return cls(path, group, output_box)
+        arrays[PIXELS] = _create(
+            group, PIXELS, (*canvas_hw, 3), (*chunks, 3), "uint8", 255, _FAST_COMPRESSOR
+        )
+        # One metadata write: ``attrs.update`` rewrites .zattrs once per key (19 writes, most of
+        # the cost of a small tile's evaluation).
+        group.update_attributes({**(attrs or {}), "complete": False})
+        return cls(path, group, output_box, arrays)
 
     @classmethod
     def open(
@@ -287,7 +302,7 @@ class PredictionStore:
         self.has_interior = self.has_distance = self.has_pixels = self.has_float = False
         mpp = self.group.attrs.get("mpp")
         image_paths = build_pyramid(self.group, downsample_mean)
-        self.group.attrs.update(
+        self.group.update_attributes(
             {**attrs, "multiscales": multiscales(image_paths, mpp, "nucleus probability", "mean")}
         )
         keep = {*image_paths}
@@ -295,7 +310,7 @@ class PredictionStore:
         if self.has_labels:
             labels = self.group[f"labels/{LABEL_NAME}"]
             label_paths = build_pyramid(labels, downsample_nearest)
-            labels.attrs.update(
+            labels.update_attributes(
                 {
                     "multiscales": multiscales(label_paths, mpp, LABEL_NAME, "nearest"),
                     "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
