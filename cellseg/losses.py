@@ -4,7 +4,9 @@
 2 nucleus boundary); Dice and the focal balancing act on "nucleus" = interior ∪ boundary, the
 paper's binary foreground, so a 2-class model gets exactly the paper's losses. A model with a
 distance head (issue 10 point 4) adds ``distance_weight · MSE`` between the sigmoid of its last
-channel and :func:`cellseg.targets.distance_targets`, a term beyond the paper.
+channel and :func:`cellseg.targets.distance_targets`, a term beyond the paper. Training with
+``--shift-consistency`` adds a translation-consistency term (:func:`shift_consistency_loss`,
+issue 11), also beyond the paper.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ class LossTerms:
     dice: torch.Tensor
     focal: torch.Tensor
     distance: torch.Tensor | None = None  # models with a distance head only
+    consistency: torch.Tensor | None = None  # runs with --shift-consistency only
 
-    NAMES = ("total", "cim", "dice", "focal", "distance")
+    NAMES = ("total", "cim", "dice", "focal", "distance", "consistency")
 
     def as_floats(self) -> dict[str, float]:
         return {k: float(v.detach()) for k in self.NAMES if (v := getattr(self, k)) is not None}
@@ -109,3 +112,48 @@ def _segmentation_loss_fp32(
     focal = focal_loss(logits, target)
     total = cim + dice_weight * dice + (1 - dice_weight) * focal
     return LossTerms(total, cim, dice, focal)
+
+
+def output_probabilities(logits: torch.Tensor, distance_head: bool) -> torch.Tensor:
+    """What predict blends: class softmax (and the distance head's sigmoid), ``B×C×H×W`` fp32."""
+    logits = logits.float()
+    if not distance_head:
+        return torch.softmax(logits, dim=1)
+    classes = torch.softmax(logits[:, :-1], dim=1)
+    return torch.cat([classes, torch.sigmoid(logits[:, -1:])], dim=1)
+
+
+def shift_consistency_loss(
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    shift_yx: tuple[int, int],
+    distance_head: bool = False,
+) -> torch.Tensor:
+    """Squared difference of two windows' outputs on the pixels they share (issue 11), ``()``.
+
+    Window B is window A moved by ``shift_yx = (dy, dx)`` pixels over the same image, so the
+    content at ``A[y, x]`` is at ``B[y - dy, x - dx]``. A translation-equivariant network gives
+    the same probabilities there; the network's real outputs differ, because its receptive field
+    (the stage-1 Transformer attends across the whole tile) and the zero padding at the tile
+    border make every output depend on where the content sits in the tile, and whole-slide
+    prediction places each nucleus wherever the tile grid puts it. The term is the mean over the
+    shared pixels of the squared differences summed over the output channels (Laine & Aila's
+    Π-model consistency, applied to translations); both windows receive its gradient.
+
+    Args:
+        logits_a, logits_b: ``B×C×H×W`` logits of the two windows (same shape).
+        shift_yx: B's offset from A in pixels; ``|dy| < H``, ``|dx| < W``.
+        distance_head: the last channel is a distance-map logit (sigmoid), not a class.
+    """
+    dy, dx = shift_yx
+    height, width = logits_a.shape[-2:]
+    if not (abs(dy) < height and abs(dx) < width):
+        raise ValueError(f"shift {shift_yx} leaves no shared pixels in a {height}×{width} window")
+    rows_a = slice(max(dy, 0), height + min(dy, 0))
+    cols_a = slice(max(dx, 0), width + min(dx, 0))
+    rows_b = slice(max(-dy, 0), height + min(-dy, 0))
+    cols_b = slice(max(-dx, 0), width + min(-dx, 0))
+    with torch.autocast(logits_a.device.type, enabled=False):
+        p_a = output_probabilities(logits_a[..., rows_a, cols_a], distance_head)
+        p_b = output_probabilities(logits_b[..., rows_b, cols_b], distance_head)
+        return (p_a - p_b).pow(2).sum(dim=1).mean()

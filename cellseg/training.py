@@ -39,7 +39,7 @@ from .datasets import BalancedDomains, PaperDataset, PatchMosaicDataset, WsiData
 from .errors import DataError
 from .inference import Predictor, predict_array, resolve_device
 from .instances import PostProcess
-from .losses import segmentation_loss
+from .losses import segmentation_loss, shift_consistency_loss
 from .metrics import dice
 from .model import ModelConfig, build_model, count_flops, count_parameters
 from .precision import autocast, resolve_precision, use_channels_last
@@ -53,6 +53,8 @@ PRESETS = ("paper", "wsi")
 # with different seeds (ablations, repeats) must be compared on the same validation tiles.
 VAL_SPLIT_SEED = 0
 MODEL_SIZES = ("default", "paper", "tiny")
+TILE_PX = 224  # the network tile, the product's promise (predict feeds the same size)
+SHIFT_STREAM = 11  # separates the shift-consistency draws from the other seeded streams
 
 
 @dataclass
@@ -87,6 +89,11 @@ class TrainOptions:
     init_from: str | None = None  # fine-tune: start from this bundle's weights (fresh optimiser)
     stain_aug: bool = True  # wsi preset: HED stain augmentation (augment.hed_jitter)
     val_fraction: float = 0.2  # datasets without val_ids.txt: share of source tiles held out
+    # Issue 11, beyond the paper: weight of the translation-consistency term (0: off). Crops are
+    # then tile_px + shift_px wide and two tile_px windows of each, up to shift_px apart, must
+    # predict the same on their shared pixels (losses.shift_consistency_loss).
+    shift_consistency: float = 0.0
+    shift_px: int = 64
 
     def __post_init__(self) -> None:
         if isinstance(self.data, list | tuple) and len(self.data) == 1:
@@ -99,6 +106,15 @@ class TrainOptions:
             raise ValueError(f"preset must be one of {PRESETS}")
         if self.model_size not in MODEL_SIZES:
             raise ValueError(f"model size must be one of {MODEL_SIZES}")
+        if self.shift_consistency < 0 or not 0 < self.shift_px < TILE_PX:
+            raise ValueError(f"shift consistency needs a weight >= 0 and 0 < shift_px < {TILE_PX}")
+        if self.shift_consistency and self.preset == "paper":
+            raise ValueError("shift consistency is for the wsi preset (its crops can be wider)")
+
+    @property
+    def crop_px(self) -> int:
+        """Side of the training crops: the tile, widened for the two shifted windows."""
+        return TILE_PX + self.shift_px if self.shift_consistency else TILE_PX
 
     @property
     def data_roots(self) -> list[str]:
@@ -308,8 +324,8 @@ class Trainer:
         items = self.opts.crops_per_tile * max(units)
         parts = []
         for domain, n_units in zip(self.domains, units, strict=True):
-            common = {"mpp": self.opts.mpp, "crop_px": 224, "params": params}
-            if domain.needs_mosaic(self.opts.mpp, 224):
+            common = {"mpp": self.opts.mpp, "crop_px": self.opts.crop_px, "params": params}
+            if domain.needs_mosaic(self.opts.mpp, self.opts.crop_px):
                 parts.append(PatchMosaicDataset(domain.train, items, seed=self.opts.seed, **common))
             else:
                 per_tile = math.ceil(items / n_units)
@@ -337,12 +353,18 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch; returns the loss terms as detached device tensors
         (no host synchronisation: the caller sums them on the device)."""
+        shift_yx = None
+        if self.opts.shift_consistency:
+            x, y, shift_yx = self.shifted_windows(x, y)
         distance = None
         if self.model_config.distance_head:  # from the class map on the host (scipy)
             distance = torch.from_numpy(distance_targets(y.numpy())).to(self.device)
         x, y = self._to_device(x), y.to(self.device, non_blocking=True)
         with self._autocast():
             logits, f5 = self.step_model(x, return_bottleneck=True)
+        if shift_yx is not None:  # one forward pass for both windows; A's half is supervised
+            logits, logits_b = logits.chunk(2)
+            f5 = f5.chunk(2)[0]
         weights = None
         terms = {}
         if self.opts.use_cim:
@@ -352,6 +374,10 @@ class Trainer:
             terms |= {"cim_weight_min": rel.min(), "cim_weight_max": rel.max()}
             terms["cim_weight_std"] = rel.std(correction=0)
         loss = segmentation_loss(logits, y, weights, distance_target=distance)
+        if shift_yx is not None:
+            head = self.model_config.distance_head
+            loss.consistency = shift_consistency_loss(logits, logits_b, shift_yx, head)
+            loss.total = loss.total + self.opts.shift_consistency * loss.consistency
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss.total).backward()
         self.scaler.step(self.optimizer)
@@ -361,6 +387,27 @@ class Trainer:
             f"loss_{k}": v.detach() for k in loss.NAMES if (v := getattr(loss, k)) is not None
         }
         return terms
+
+    def shifted_windows(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Two ``tile_px`` windows A and B of every crop, at corners drawn per step.
+
+        Args:
+            x: ``B×3×S×S`` crops, ``S = tile_px + shift_px``; y: ``B×S×S`` their class targets.
+
+        Returns:
+            ``(2B×3×T×T windows, A then B; B×T×T targets of A; B's shift from A, (dy, dx))``.
+            The corners depend only on (seed, iteration), so a resumed run draws the same ones.
+        """
+        rng = np.random.default_rng([self.opts.seed, SHIFT_STREAM, self.iteration])
+        top_a, left_a, top_b, left_b = (int(v) for v in rng.integers(0, self.opts.shift_px + 1, 4))
+
+        def window(t: torch.Tensor, top: int, left: int) -> torch.Tensor:
+            return t[..., top : top + TILE_PX, left : left + TILE_PX]
+
+        windows = torch.cat([window(x, top_a, left_a), window(x, top_b, left_b)])
+        return windows, window(y, top_a, left_a), (top_b - top_a, left_b - left_a)
 
     def train_epoch(self) -> dict:
         """One pass over the training set; returns the epoch means for the log."""
@@ -434,6 +481,7 @@ class Trainer:
                 for d in getattr(self, "domains", [])
             },
             "stain_aug": self.opts.stain_aug,
+            "shift_consistency": self.opts.shift_consistency,
             "normalisation": "inside the model (ImageNet mean/std on [0, 1] RGB)",
             "cellseg_version": __version__,
         }

@@ -81,6 +81,15 @@ from .common import device_option, fail, precision_option, user_errors
     help="Also regress each nucleus's normalised distance map (a 4th output channel) and seed "
     "the watershed from it instead of the interior class (docs/RESULTS.md compares the two).",
 )
+@click.option(
+    "--shift-consistency",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Weight of a translation-consistency term (wsi preset, beyond the paper): two 224 px "
+    "windows of each crop, up to 64 px apart, must predict the same probabilities where they "
+    "overlap, so a nucleus gets the same outline wherever the tile grid puts it. 0: off.",
+)
 @click.option("--no-cim", is_flag=True, help="Ablation: uniform sample weights (plain CE).")
 @click.option("--no-dac", is_flag=True, help="Ablation: CNN + Transformer backbone only.")
 @click.option(
@@ -133,6 +142,7 @@ def train_command(
     patience,
     binary,
     distance_map,
+    shift_consistency,
     no_cim,
     no_dac,
     no_stain_aug,
@@ -162,6 +172,8 @@ def train_command(
         fail("the paper preset trains on one dataset (give --data once)")
     if binary and distance_map:
         fail("--distance-map needs the three classes (drop --binary)")
+    if shift_consistency and preset == "paper":
+        fail("--shift-consistency is for the wsi preset")
     check_writable([out_dir / "best.safetensors"])  # a read-only --out fails now, not at epoch 1
     opts = TrainOptions(
         data=[str(d) for d in data],
@@ -177,6 +189,7 @@ def train_command(
         use_dac=not no_dac,
         num_classes=2 if binary else 3,
         distance_head=distance_map,
+        shift_consistency=shift_consistency,
         mpp=mpp,
         device=device,
         precision=precision,

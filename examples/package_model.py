@@ -128,6 +128,9 @@ def train_command(stage: dict) -> str:
     ]
     flags += ["--no-cim"] * (not opts["use_cim"]) + ["--no-dac"] * (not opts["use_dac"])
     flags += ["--no-stain-aug"] * (opts["preset"] == "wsi" and not opts.get("stain_aug", False))
+    flags += ["--distance-map"] * bool(opts.get("distance_head"))
+    if opts.get("shift_consistency"):
+        flags.append(f"--shift-consistency {opts['shift_consistency']:g}")
     if opts.get("init_from"):
         flags.append(f"--init {opts['init_from']}")
     return "cellseg train " + " ".join(flags) + f" --out {opts['out']}"
