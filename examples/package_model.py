@@ -156,6 +156,11 @@ def model_card(bundle, path, stages, results, seconds, post) -> str:
     )
     cfg = json.dumps(bundle.config.to_dict())
     cim = "on" if opts["use_cim"] else "off"
+    outputs = "3 classes (background, nucleus interior, nucleus boundary)"
+    if bundle.config.distance_head:
+        outputs += " and a distance map (each nucleus's normalised distance transform, the seeds)"
+    if opts.get("shift_consistency"):
+        outputs += f"; shift-consistency term, weight {opts['shift_consistency']:g}"
     meta = bundle.meta
     commands = [f"  {i + 1}. `{train_command(st)}`" for i, st in enumerate(stages)]
     domains = sorted({name for name, _ in results})
@@ -181,7 +186,7 @@ def model_card(bundle, path, stages, results, seconds, post) -> str:
         "",
         f"- **Architecture**: CausalCellSegmenter (arXiv 2403.06066), config `{cfg}`",
         f"  ({options['params'] / 1e6:.2f} M parameters, {options['gflops_224']:.2f} GFLOPs per",
-        f"  224² tile), 3 classes (background, nucleus interior, nucleus boundary), CIM {cim}.",
+        f"  224² tile), {outputs}, CIM {cim}.",
         f"- **Resolution**: {meta['mpp']} µm/px, 224² tiles. Weights stored as fp16 safetensors.",
         f"- **Training precision**: {meta.get('precision', 'fp32')} (the last stage).",
         "- **Training data** (each resampled from its own mpp to the model's; equal crops per",
