@@ -207,3 +207,12 @@ def test_distance_map_with_binary_is_a_usage_error(monuseg, tmp_path):
         "error: --distance-map needs the three classes (drop --binary)"
     ]
     assert not out.exists()
+
+
+def test_shift_consistency_with_the_paper_preset_is_a_usage_error(monuseg, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(monuseg), "--preset", "paper", "--shift-consistency", "10"]
+    result = run([*args, "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["error: --shift-consistency is for the wsi preset"]
+    assert not out.exists()
