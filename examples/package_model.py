@@ -144,6 +144,12 @@ DATASETS = {
 }
 
 
+def dataset_description(name: str) -> str:
+    """The card's line for a domain; a split view of a dataset is named ``<dataset>-<view>``
+    after its folder (the trainer names domains after their folders)."""
+    return DATASETS.get(name) or DATASETS.get(name.split("-")[0], name)
+
+
 def model_card(bundle, path, stages, results, seconds, post) -> str:
     def fmt(summary, key: str) -> str:
         return f"{summary[key]['mean']:.4f} ± {summary[key]['std']:.4f}"
@@ -171,7 +177,7 @@ def model_card(bundle, path, stages, results, seconds, post) -> str:
     )
     datasets = meta.get("datasets") or {"monuseg": {"train": len(meta["train_ids"])}}
     data_lines = [
-        f"  - {DATASETS.get(name, name)}: {d.get('train', '?')} training images, "
+        f"  - {dataset_description(name)}: {d.get('train', '?')} training images, "
         f"{d.get('val', '?')} held out for validation"
         for name, d in datasets.items()
     ]
