@@ -220,3 +220,28 @@ def test_stage_times_compares_precisions_side_by_side(tmp_path, tiny_model, caps
     assert runs[0]["nuclei"] == runs[1]["nuclei"]  # the same code and precision: same answer
     assert not runs[0]["missing_hooks"]
     assert runs[0]["stage_cpu_s"]["model"] > 0
+
+
+def test_translation_consistency_match_on_hand_computed_squares() -> None:
+    """``translation_consistency.match`` on squares whose IoUs are known exactly.
+
+    a0 is b0 (IoU 1), a1 overlaps b1 by half its width (IoU 1/3: moved), a2 meets nothing
+    (absent). Level-0 pixels are 2 per model pixel, so the 10x10 squares are 25 model px².
+    """
+    import shapely
+    import translation_consistency as tc
+
+    def square(x: float, y: float) -> shapely.Polygon:
+        return shapely.box(x, y, x + 10, y + 10)
+
+    a = [square(0, 0), square(100, 0), square(300, 0)]
+    b = [square(0, 0), square(105, 0), square(500, 500)]
+    result = tc.match(a, b, level0_per_model_px=2.0)
+    assert result["n"] == 3
+    assert result["matched"] == pytest.approx(1 / 3)
+    assert result["identical"] == pytest.approx(1 / 3)
+    assert result["mean_iou"] == pytest.approx(1.0)
+    assert result["absent"] == pytest.approx(1 / 3)
+    assert result["moved"] == pytest.approx(1 / 3)
+    assert result["matched_by_area_px"] == {"20-40": [3, pytest.approx(1 / 3)]}
+    assert tc.match(a, b, 2.0, threshold=0.3)["matched"] == pytest.approx(2 / 3)
