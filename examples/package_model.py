@@ -97,7 +97,8 @@ def main() -> None:
             suffix = "" if name == "monuseg" else f"-{name}"
             path = args.out.with_name(f"{args.out.stem}.test-native{suffix}.json")
             path.write_text(json.dumps(result, indent=2))
-    card = model_card(shipped, args.out, training_stages(args.run), results, seconds, post)
+    stages = training_stages(args.run)
+    card = model_card(shipped, args.out, stages, results, seconds, post, packaging(args, shipped))
     args.out.with_name("MODEL_CARD.md").write_text(card)
     print(card)
 
@@ -150,7 +151,48 @@ def dataset_description(name: str) -> str:
     return DATASETS.get(name) or DATASETS.get(name.split("-")[0], name)
 
 
-def model_card(bundle, path, stages, results, seconds, post) -> str:
+def packaging(args, bundle) -> list[str]:
+    """The commands that turned the run into the shipped file, as this invocation was given.
+
+    With a learned rejection in the model (``--model``, made by ``examples/fit_rejection.py``
+    from a first, tuning pass of this script), the three steps; else the one.
+    """
+    consep = f" --consep {args.consep}" if args.consep else ""
+    tune = f"python examples/package_model.py {args.run} --data {args.data}{consep}"
+    if "rejection" not in bundle.meta or args.model is None:
+        return [tune + ("" if not args.no_tune else " --no-tune")]
+    tuned = args.model.with_name("default.safetensors")
+    data = f" --data {args.data}" + (f" --data {args.consep}" if args.consep else "")
+    return [
+        f"{tune} --out {tuned}",
+        f"python examples/fit_rejection.py {tuned} --out {args.model}{data}",
+        f"{tune} --model {args.model} --no-tune",
+    ]
+
+
+def lineage(stages: list[dict]) -> str:
+    """Where the first stage started: another run folder is a stage itself; weights whose run
+    is not here are named by the SHA-256 the trainer recorded (options.json ``init_sha256``)."""
+    first = stages[0]["options"]
+    if not first["options"].get("init_from"):
+        return "random initialisation"
+    sha = first.get("init_sha256", "unknown")
+    return f"`--init` weights SHA-256 `{sha}` (an earlier model, see docs/RESULTS.md)"
+
+
+def rejection_line(meta: dict) -> list[str]:
+    rejection = meta.get("rejection")
+    if not rejection:
+        return []
+    return [
+        '- **Learned rejection** of false positives (`meta["rejection"]`, cellseg/rejection.py): '
+        f"logistic regression on {len(rejection['features'])} per-nucleus measurements, fitted "
+        f"on the training tiles, threshold {rejection['threshold']:g} chosen on the validation "
+        "sets."
+    ]
+
+
+def model_card(bundle, path, stages, results, seconds, post, package_commands) -> str:
     def fmt(summary, key: str) -> str:
         return f"{summary[key]['mean']:.4f} ± {summary[key]['std']:.4f}"
 
@@ -169,18 +211,22 @@ def model_card(bundle, path, stages, results, seconds, post) -> str:
         outputs += f"; shift-consistency term, weight {opts['shift_consistency']:g}"
     meta = bundle.meta
     commands = [f"  {i + 1}. `{train_command(st)}`" for i, st in enumerate(stages)]
-    domains = sorted({name for name, _ in results})
-    consep = " --consep ../shared/data/consep" if "consep" in domains else ""
-    commands.append(
-        f"  {len(stages) + 1}. `python examples/package_model.py {stage_run(stages[-1])} "
-        f"--data ../shared/data/monuseg{consep}`"
-    )
+    commands += [
+        f"  {len(stages) + 1 + i}. `{command}`" for i, command in enumerate(package_commands)
+    ]
     datasets = meta.get("datasets") or {"monuseg": {"train": len(meta["train_ids"])}}
     data_lines = [
         f"  - {dataset_description(name)}: {d.get('train', '?')} training images, "
         f"{d.get('val', '?')} held out for validation"
         for name, d in datasets.items()
     ]
+    views = [name for name in datasets if name not in DATASETS and name.split("-")[0] in DATASETS]
+    if views:
+        data_lines.append(
+            f"  ({', '.join(views)}: a split view of the dataset, symlinks to its images, masks "
+            "and mpp.json with its own train/val_ids.txt, to validate on an earlier model's "
+            "held-out tiles; docs/RESULTS.md gives the commands.)"
+        )
     rows = []
     for (name, split), result in sorted(results.items()):
         summary = result["summary"]
@@ -201,7 +247,8 @@ def model_card(bundle, path, stages, results, seconds, post) -> str:
         "  The weights derive from MoNuSeg's CC BY-NC-SA 4.0 data and are offered under the same",
         "  non-commercial, share-alike terms.",
         "- **Commands** (a later stage starts from the previous stage's best weights, `--init`:",
-        "  a warm restart with a fresh optimiser and cosine schedule):",
+        "  a warm restart with a fresh optimiser and cosine schedule; the first from "
+        f"{lineage(stages)}):",
         *commands,
         f"- **Epochs**: {epochs}; best validation Dice of the last stage",
         f"  {best['val_dice']:.4f} at its epoch {best['epoch']}"
@@ -209,6 +256,7 @@ def model_card(bundle, path, stages, results, seconds, post) -> str:
         + f"; {total_s / 60:.0f} min of training in all, on a 2-core CPU (no GPU).",
         "- **Post-processing** (tuned for AJI on predict's path, mean over the validation sets):",
         f"  `{json.dumps(post.to_dict())}`",
+        *rejection_line(meta),
         f"- **SHA-256**: `{file_sha256(path)}`",
         "",
         "## Metrics (native protocol: the polygons `cellseg predict` writes, rasterised onto the",
@@ -224,10 +272,6 @@ def model_card(bundle, path, stages, results, seconds, post) -> str:
         "test sets were not used for any choice.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def stage_run(stage: dict) -> str:
-    return str(stage["options"]["options"]["out"])
 
 
 if __name__ == "__main__":
