@@ -178,7 +178,10 @@ def test_cuda_training_with_the_cim(monuseg, tmp_path):
 @pytest.mark.slow
 def test_training_learns(tmp_path):
     data = write_monuseg(tmp_path / "data", n_images=6, size_px=256, val=2)
-    opts = options(data, tmp_path / "run", epochs=12, batch_size=4, lr=5e-3)
+    # fp32: the learning claim, independent of the machine. Under precision "auto" an
+    # AVX512-BF16 CPU trains this in bf16, and the tiny net at lr 5e-3 then reaches only Dice
+    # 0.29 in 12 epochs (fp32: > 0.65); the real models train in bf16 (docs/RESULTS.md).
+    opts = options(data, tmp_path / "run", epochs=12, batch_size=4, lr=5e-3, precision="fp32")
     trainer = Trainer(opts, progress=False)
     untrained = trainer.validate()
     trainer.run(resume=False)
