@@ -194,11 +194,16 @@ class SlideLock:
         self._made_dirs = [
             d for d in [self.path.parent, *self.path.parent.parents] if not d.exists()
         ]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(3):
+        for _ in range(5):
+            # Made again on every try: another slide's run sharing a new output folder removes
+            # it when it ends having written nothing (_remove_made_dirs), possibly between
+            # this mkdir and the open below; once the lock file is in it, rmdir cannot.
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileNotFoundError:
+                continue
             except FileExistsError:
                 if not self._is_stale():
                     break

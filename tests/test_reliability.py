@@ -178,6 +178,28 @@ def test_a_lock_from_another_host_is_stale_only_after_its_heartbeat_timeout(tmp_
     assert not lock.path.exists()
 
 
+def test_a_lock_whose_new_folder_is_removed_by_another_run_is_still_taken(tmp_path, monkeypatch):
+    """Two slides of a cohort run in one process (dask workers as threads) share a new output
+    folder; one that ends having written nothing removes the folder (it made it), which can
+    happen between the other's mkdir and its open: the open is retried, not an internal error.
+    """
+    import cellseg.outputs as outputs
+
+    lock = SlideLock(tmp_path / "results" / "s0.geojson.cellseg-lock")
+    real_open, calls = os.open, []
+
+    def racing_open(path, flags, mode=0o777):
+        calls.append(path)
+        if len(calls) == 1:  # the other run's release lands right here
+            Path(path).parent.rmdir()
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(outputs.os, "open", racing_open)
+    with lock:
+        assert lock.path.is_file() and len(calls) == 2
+    assert not lock.path.exists() and not lock.path.parent.exists()  # its own folder, cleaned
+
+
 # ---------------------------------------------------------------------------------- cohort.csv
 
 
