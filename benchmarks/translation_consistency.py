@@ -76,7 +76,8 @@ def match(a: list, b: list, level0_per_model_px: float, threshold: float = 0.5) 
     for lo, hi in itertools.pairwise(AREA_BINS_PX):
         in_bin = (areas_px >= lo) & (areas_px < hi)
         if in_bin.any():
-            by_area[f"{lo}-{hi}"] = [int(in_bin.sum()), float(good[in_bin].mean())]
+            label = f"{lo}-{hi}" if hi < AREA_BINS_PX[-1] else f">={lo}"
+            by_area[label] = [int(in_bin.sum()), float(good[in_bin].mean())]
     return {
         "n": len(a),
         "matched": float(good.mean()),

@@ -97,8 +97,8 @@ def main() -> None:
             suffix = "" if name == "monuseg" else f"-{name}"
             path = args.out.with_name(f"{args.out.stem}.test-native{suffix}.json")
             path.write_text(json.dumps(result, indent=2))
-    stages = training_stages(args.run)
-    card = model_card(shipped, args.out, stages, results, seconds, post, packaging(args, shipped))
+    stages, commands = training_stages(args.run), packaging(args, shipped)
+    card = model_card(shipped, args.out, stages, results, seconds, post, commands)
     args.out.with_name("MODEL_CARD.md").write_text(card)
     print(card)
 
@@ -160,8 +160,11 @@ def packaging(args, bundle) -> list[str]:
     consep = f" --consep {args.consep}" if args.consep else ""
     tune = f"python examples/package_model.py {args.run} --data {args.data}{consep}"
     if "rejection" not in bundle.meta or args.model is None:
-        return [tune + ("" if not args.no_tune else " --no-tune")]
+        return [tune + (" --no-tune" if args.no_tune else "")]
+    # The first pass's output is not recorded in the model; RESULTS' recipe puts it beside the
+    # rejecting copy as default.safetensors, so name it only where that file is really there.
     tuned = args.model.with_name("default.safetensors")
+    tuned = tuned if tuned.is_file() else Path("TUNED.safetensors")
     data = f" --data {args.data}" + (f" --data {args.consep}" if args.consep else "")
     return [
         f"{tune} --out {tuned}",
